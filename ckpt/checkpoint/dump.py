@@ -1,0 +1,267 @@
+"""`ckpt dump`: freeze the target, read its state, write the image, let go.
+
+Order: refuse what we can't save before touching the target; seize and
+interrupt (no SIGSTOP is ever seen); read registers and /proc; inject the
+few syscalls that read state only visible from inside; write the image to a
+temp file and rename it; detach. Whatever fails, the target is detached and
+keeps running, and no file that looks like an image is left behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass
+
+import blake3
+
+from ..errors import CkptError, Status
+from ..image import write_image
+from ..image.model import (Creds, GeneralRegs, Header, Image, MMFields,
+                           Process, Rlimit, SigAction, Thread)
+from . import memory, procfs
+from .files import FileTable, fd_table, mapped_file
+from .tracee import TaskGone, Tracee, restarted_regs
+
+SYS_BRK, SYS_RT_SIGACTION, SYS_SIGALTSTACK, SYS_PRCTL = 12, 13, 131, 157
+SYS_GET_ROBUST_LIST = 274
+PR_GET_TID_ADDRESS = 40
+RED_ZONE = 128
+
+
+@dataclass(frozen=True)
+class DumpStats:
+    pid: int
+    bytes_written: int
+    pages: int
+    seconds: float
+    frozen_seconds: float
+
+
+def dump(pid: int, output: str, *, kill: bool = False,
+         progress: bool | None = None) -> DumpStats:
+    t0 = time.monotonic()
+    _refuse_early(pid)
+    tracee = Tracee(pid)
+    tracee.seize()
+    out = None
+    try:
+        tracee.interrupt()
+        _refuse_early(pid)          # again, now that it cannot change
+        image = collect(pid, tracee)
+        out = Output(output)
+        show = _Progress(pid, sum(v.pages_saved for v in image.vmas) * memory.PAGE,
+                         progress)
+        pages = memory.read_pages(pid, list(image.vmas), show.update)
+        written = write_image(out.file, image, pages)
+        show.done()
+        out.commit()
+    except TaskGone:
+        raise CkptError(Status.TARGET_GONE,
+                        f"process {pid} exited during the dump; no image written")
+    except OSError as e:
+        if not os.path.exists(procfs.path(pid)):
+            raise CkptError(Status.TARGET_GONE,
+                            f"process {pid} exited during the dump; no image written")
+        raise CkptError(Status.OUTPUT, f"cannot write the image: {e.strerror or e}")
+    finally:
+        if out is not None:
+            out.discard()
+        frozen = time.monotonic() - t0
+        tracee.detach()
+    if kill:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return DumpStats(pid, written, sum(v.pages_saved for v in image.vmas),
+                     time.monotonic() - t0, frozen)
+
+
+def _refuse_early(pid: int) -> None:
+    try:
+        tasks = os.listdir(procfs.path(pid, "task"))
+    except FileNotFoundError:
+        raise CkptError(Status.NO_PROCESS, f"no such process: {pid}")
+    except PermissionError:
+        raise CkptError(Status.PTRACE_DENIED, f"not allowed to read /proc/{pid}")
+    if len(tasks) > 1:
+        raise CkptError(Status.UNSUPPORTED_TARGET,
+                        f"process {pid} has {len(tasks)} threads: multi-threaded "
+                        "processes are not supported yet")
+    kids = procfs.children(pid)
+    if kids:
+        raise CkptError(Status.UNSUPPORTED_TARGET,
+                        f"process {pid} has child processes ({', '.join(map(str, kids))}):"
+                        " process trees are not supported")
+
+
+def collect(pid: int, tracee: Tracee) -> Image:
+    """Everything but the page data, as image records."""
+    status = procfs.status(pid)
+    mappings = memory.classify(procfs.smaps(pid))
+    vdso = memory.read_vdso(pid, mappings)
+    vdso_start = next(m.entry.start for m in mappings if m.name == "[vdso]")
+    insn = vdso.find(b"\x0f\x05")
+    if insn < 0:
+        raise CkptError(Status.UNSUPPORTED_TARGET, "no syscall instruction in the vdso")
+    inside = _Inside(pid, tracee, vdso_start + insn)
+
+    table = FileTable()
+    runs = memory.page_runs(pid, mappings)
+    vmas = tuple(memory.to_vma(m, r, mapped_file(table, pid, m.entry)
+                               if m.kind == "file" else None)
+                 for m, r in zip(mappings, runs))
+    fds = tuple(fd_table(table, pid))
+
+    mm = procfs.mm_fields(pid)
+    mm["brk"] = inside.syscall(SYS_BRK, 0)
+    ids = lambda key: tuple(int(x) for x in status[key].split())  # noqa: E731
+    caps = {k: int(status[f"Cap{k.capitalize()}"], 16)
+            for k in ("inh", "prm", "eff", "bnd", "amb")}
+    process = Process(
+        pid=pid, comm=procfs.read_text(pid, "comm").rstrip("\n"),
+        exe=os.readlink(procfs.path(pid, "exe")),
+        cmdline=tuple(x.decode(errors="replace") for x in
+                      procfs.read_bytes(pid, "cmdline").split(b"\0")[:-1]),
+        cwd=os.readlink(procfs.path(pid, "cwd")),
+        umask=int(status.get("Umask", "022"), 8),
+        personality=int(procfs.read_text(pid, "personality"), 16),
+        creds=Creds(uids=ids("Uid"), gids=ids("Gid"), groups=ids("Groups"),
+                    **{f"cap_{k}": v for k, v in caps.items()}),
+        rlimits=tuple(Rlimit(*r) for r in procfs.rlimits(pid)),
+        mm=MMFields(**mm), auxv=tuple(procfs.auxv(pid)),
+        sigactions=inside.sigactions(int(status["SigCgt"], 16) | int(status["SigIgn"], 16)),
+        shared_pending=tuple(tracee.pending(shared=True)),
+        vdso_hash=blake3.blake3(vdso).digest(),
+    )
+    thread = Thread(
+        tid=pid, comm=process.comm,
+        regs=GeneralRegs(**restarted_regs(inside.saved_regs)),
+        xstate=tracee.xstate(), sigmask=tracee.sigmask(),
+        pending=tuple(tracee.pending(shared=False)),
+        altstack=inside.altstack(), tid_address=inside.tid_address(),
+        robust_list=_robust_list(pid), rseq=tracee.rseq(),
+    )
+    return Image(header=Header(1, 0, "x86_64", memory.PAGE), process=process,
+                 threads=(thread,), files=tuple(table.files), vmas=vmas, fds=fds)
+
+
+class _Inside:
+    """Syscalls run inside the stopped target, with a scratch buffer below
+    its red zone (dead stack by the ABI; its bytes are put back anyway)."""
+
+    def __init__(self, pid: int, tracee: Tracee, insn: int):
+        self.pid, self.tracee, self.insn = pid, tracee, insn
+        self.saved_regs = tracee.getregs()
+        self.scratch = (self.saved_regs.rsp - RED_ZONE - 256) & ~15
+
+    def syscall(self, nr: int, *args: int) -> int:
+        return self.tracee.inject(self.insn, nr, *args)
+
+    def _read_result(self, nr: int, size: int, *args: int) -> bytes:
+        with open(procfs.path(self.pid, "mem"), "r+b", buffering=0) as mem:
+            mem.seek(self.scratch)
+            old = mem.read(size)
+            try:
+                ret = self.syscall(nr, *args)
+                if ret < 0:
+                    raise CkptError(Status.INTERNAL,
+                                    f"injected syscall {nr} failed in {self.pid}: errno {-ret}")
+                mem.seek(self.scratch)
+                return mem.read(size)
+            finally:
+                mem.seek(self.scratch)
+                mem.write(old)
+
+    def sigactions(self, mask: int) -> tuple[SigAction, ...]:
+        out = []
+        for sig in range(1, 65):
+            if sig in (9, 19) or not mask >> (sig - 1) & 1:
+                continue
+            raw = self._read_result(SYS_RT_SIGACTION, 32, sig, 0, self.scratch, 8)
+            handler, flags, restorer, smask = struct.unpack("<4Q", raw)
+            out.append(SigAction(sig, handler, flags, restorer, smask))
+        return tuple(out)
+
+    def altstack(self) -> tuple[int, int, int]:
+        sp, flags, size = struct.unpack(
+            "<QI4xQ", self._read_result(SYS_SIGALTSTACK, 24, 0, self.scratch))
+        return sp, flags, size
+
+    def tid_address(self) -> int:
+        return struct.unpack("<Q", self._read_result(
+            SYS_PRCTL, 8, PR_GET_TID_ADDRESS, self.scratch))[0]
+
+
+def _robust_list(tid: int) -> tuple[int, int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    head, length = ctypes.c_uint64(), ctypes.c_size_t()
+    if libc.syscall(SYS_GET_ROBUST_LIST, tid, ctypes.byref(head), ctypes.byref(length)):
+        return 0, 0
+    return head.value, length.value
+
+
+class Output:
+    """The image file: a temp file renamed into place only when complete
+    (created with mode 0777 & ~umask, executable like a linker's output),
+    or stdout for `-o -`."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, None
+        if path == "-":
+            self.file = sys.stdout.buffer
+            return
+        directory, base = os.path.split(os.path.abspath(path))
+        self.tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o777)
+        except OSError as e:
+            raise CkptError(Status.OUTPUT, f"cannot create {path}: {e.strerror}")
+        self.file = os.fdopen(fd, "wb", buffering=0)
+
+    def commit(self) -> None:
+        if self.tmp is None:
+            self.file.flush()
+            return
+        try:
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.rename(self.tmp, self.path)
+        except OSError as e:
+            raise CkptError(Status.OUTPUT, f"cannot write {self.path}: {e.strerror}")
+        self.tmp = None
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.file.close()
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+class _Progress:
+    """'ckpt: dumping PID: 120/1024 MiB' on a terminal, for dumps over 1 s."""
+
+    def __init__(self, pid: int, total: int, enabled: bool | None):
+        self.pid, self.total, self.done_bytes = pid, total, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, n: int) -> None:
+        self.done_bytes += n
+        now = time.monotonic()
+        if self.enabled and now - self.start > 1 and now - self.last > 0.1:
+            self.last, self.shown = now, True
+            sys.stderr.write(f"\rckpt: dumping {self.pid}: {self.done_bytes >> 20}"
+                             f"/{self.total >> 20} MiB")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")

@@ -1,0 +1,112 @@
+"""The `ckpt` command line.
+
+Each command imports its stage only when it runs, so `ckpt restore` never
+loads the dumper. Every failure prints one `ckpt: ...` line and exits with a
+status from ckpt.errors; a traceback is shown only with CKPT_DEBUG=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import CkptError, Status, status_table
+
+EPILOG = "\b\nExit statuses:\n" + status_table()
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Checkpoint a running Linux process into an image, and restore it.
+
+    \b
+      ckpt dump PID -o app.ckpt     save a running process (it keeps running)
+      ckpt restore app.ckpt         become the saved process, here and now
+      ckpt inspect app.ckpt         look inside an image
+      ckpt demo                     see it work on a small program
+    """
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("pid", type=int)
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="Image file to write ('-' for standard output).")
+@click.option("--kill", is_flag=True, help="Kill the process after a successful dump.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress on stderr (default: when it is a terminal).")
+def dump(pid: int, output: str, kill: bool, progress: bool | None) -> None:
+    """Save process PID into an image.
+
+    Allowed exactly when you may ptrace PID. The process is stopped only
+    while it is read (it never sees a SIGSTOP) and then goes on, unless
+    --kill. The image is written to a temporary file and renamed into place,
+    so a failed dump leaves nothing that looks like an image. Single-threaded
+    processes with regular files, directories and /dev/null-like devices
+    open are supported; anything else is refused by name.
+    """
+    from .checkpoint.dump import dump as do_dump
+    if output == "-" and sys.stdout.isatty():
+        raise CkptError(Status.USAGE, "refusing to write an image to a terminal")
+    do_dump(pid, output, kill=kill, progress=progress)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("image", type=click.Path(dir_okay=False))
+def restore(image: str) -> None:
+    """Become the process saved in IMAGE (same PID as this command).
+
+    Everything is checked first (the image, this kernel, every file it maps
+    or holds open, opened as you); only then is the current process
+    replaced. Its exit status is the restored program's. Standard fds 0-2
+    are yours, as with any exec.
+    """
+    from .restore import restore as do_restore
+    do_restore(image)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def inspect(image: str, as_json: bool) -> None:
+    """Show what IMAGE holds: process, threads, memory map, files, fds."""
+    from .image import read_image, summarize, to_json
+    img = read_image(image)
+    if as_json:
+        click.echo(json.dumps(to_json(img), indent=2))
+    else:
+        click.echo(summarize(img), nl=False)
+
+
+@cli.command(epilog=EPILOG)
+def demo() -> None:
+    """Start a small counter, dump it, kill it, restore it: it carries on."""
+    from .demo import run
+    run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="ckpt", standalone_mode=False)
+    except CkptError as e:
+        _fail(e.status, e.message)
+    except click.exceptions.Abort:
+        _fail(Status.USAGE, "aborted")
+    except click.ClickException as e:
+        _fail(Status.USAGE, e.format_message())
+    except KeyboardInterrupt:
+        _fail(130, "interrupted")
+    except BrokenPipeError:
+        _fail(Status.OUTPUT, "output closed early")
+    except Exception as e:          # a bug: one line, never a traceback
+        if os.environ.get("CKPT_DEBUG"):
+            raise
+        _fail(Status.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+    sys.exit(0)
+
+
+def _fail(status: int, message: str) -> None:
+    sys.stderr.write(f"ckpt: {message}\n")
+    sys.stderr.flush()
+    sys.exit(int(status))

@@ -1,0 +1,91 @@
+"""write_image: serialise an Image and its page data as one front-to-back stream.
+
+No seek, no tell: the output may be a pipe. Header and records are small and
+go out in one write; page chunks are passed straight through.
+"""
+from __future__ import annotations
+
+import msgpack
+
+from ..errors import CkptError, Status
+from . import format as fmt
+from .model import Image
+from .reader import decode_records
+
+
+def write_image(out, image: Image, pages) -> int:
+    """Write `image` to binary file object `out`; return the bytes written.
+
+    `pages` is an iterable of bytes-like chunks (any chunking) whose
+    concatenation is the saved pages, VMA by VMA in image order and run by run
+    within each VMA. data_offset, pages_offset, pages_length and extra are
+    derived or ignored. A bad image or a wrong amount of page data is a bug in
+    the caller: CkptError(INTERNAL). Write errors: CkptError(OUTPUT). After
+    any error the stream has no trailer, so no reader will accept it.
+    """
+    if image.header != fmt.CURRENT_HEADER:
+        raise CkptError(Status.INTERNAL, f"cannot write an image with header "
+                        f"{image.header}; this writer writes {fmt.CURRENT_HEADER}")
+    records = encode_records(image)
+    try:
+        pages_length = decode_records(records)[-1]
+    except fmt.Malformed as e:
+        raise CkptError(Status.INTERNAL, f"refusing to write an invalid image: {e}") from None
+    head = fmt.header_bytes(records, pages_length)
+    offset = fmt.pages_offset(len(records))
+    padding = bytes(offset - len(head) - len(records))
+
+    name = getattr(out, "name", None)
+    sink = _Sink(out, name if isinstance(name, str) else "<stream>")
+    sink.write(head + records + padding)
+    hasher = fmt.image_hasher(head[fmt.CHECKSUM_OFFSET:])
+    written = 0
+    for chunk in pages:
+        view = memoryview(chunk).cast("B")
+        written += view.nbytes
+        if written > pages_length:
+            break                        # don't write a byte past the promise
+        hasher.update(view)
+        sink.write(view)
+    if written != pages_length:
+        amount = "more than" if written > pages_length else "only"
+        raise CkptError(Status.INTERNAL, f"page data is {amount} {written} bytes; "
+                        f"the vmas' runs need {pages_length}")
+    sink.write(fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + pages_length + fmt.TRAILER_SIZE,
+                                hasher.digest()))
+    return sink.total
+
+
+def encode_records(image: Image) -> bytes:
+    """The records section: one msgpack map per record, in format order."""
+    packer = msgpack.Packer(use_bin_type=True, unicode_errors=fmt.STR_ERRORS)
+    groups = {"process": (image.process,), "thread": image.threads,
+              "file": image.files, "vma": image.vmas, "fd": image.fds}
+    parts = []
+    for kind, schema in fmt.RECORDS.items():
+        for i, value in enumerate(groups[kind]):
+            try:
+                parts.append(packer.pack(schema.dump(value)))
+            except (AttributeError, TypeError, ValueError, OverflowError) as e:
+                raise CkptError(Status.INTERNAL, f"cannot encode {kind} {i}: {e}") from None
+    return b"".join(parts)
+
+
+class _Sink:
+    """Whole writes to `out`, even if it is unbuffered and writes short."""
+
+    def __init__(self, out, name: str):
+        self.out, self.name, self.total = out, name, 0
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        try:
+            while view.nbytes:
+                n = self.out.write(view)
+                if n is None:            # a non-blocking file that is full
+                    raise BlockingIOError(11, "output would block")
+                view = view[n:]
+                self.total += n
+        except OSError as e:
+            raise CkptError(Status.OUTPUT, f"{self.name}: cannot write image: "
+                            f"{e.strerror or e}") from None

@@ -1,0 +1,159 @@
+"""Turn a validated image and the files opened for it into the stub's plan.
+
+Everything the stub needs is computed here, before the point of no return:
+fd numbers, page-data offsets, signal frames, clamped rlimits, and the two
+gadgets that let the stub unmap itself on the way out.
+"""
+from __future__ import annotations
+
+import os
+import resource
+
+from ..errors import CkptError, Status
+from ..image.model import RLIM_INFINITY, Image, Vma
+from .files import OpenFiles
+from .plan import (ADVICE_BITS, MM_FIELDS, PV_ANON, PV_GROWSDOWN, PV_SHARED,
+                   Plan, PlanFd, PlanThread, PlanVma, prot_bits)
+from .sigframe import build_sigframe
+
+RLIMIT_NUMBERS = {
+    "cpu": 0, "fsize": 1, "data": 2, "stack": 3, "core": 4, "rss": 5,
+    "nproc": 6, "nofile": 7, "memlock": 8, "as": 9, "locks": 10,
+    "sigpending": 11, "msgqueue": 12, "nice": 13, "rtprio": 14, "rttime": 15,
+}
+SYSCALL_RET = b"\x0f\x05\xc3"                            # syscall; ret
+RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"     # mov $15,%rax; syscall
+GADGET_SCAN_LIMIT = 16 << 20
+CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 21, 40
+
+
+def build_plan(image: Image, files: OpenFiles, image_fd: int) -> Plan:
+    proc = image.process
+    fd_base = max([2] + [fd.fd for fd in image.fds]) + 1
+    moved: dict[int, int] = {}
+
+    def high(fd: int) -> int:
+        """The same open file at a number >= fd_base (dup kept until exec)."""
+        if fd not in moved:
+            moved[fd] = os.dup2(fd, _free_fd(fd_base, moved), inheritable=False)
+        return moved[fd]
+
+    vmas = tuple(_plan_vma(v, high(files.mapped[v.file]) if v.kind == "file" else -1,
+                           image.pages_offset)
+                 for v in image.vmas if v.kind != "special")
+    fds = tuple(PlanFd(high(files.held[fd.fd]), fd.fd, "cloexec" in fd.flags)
+                for fd in image.fds if fd.fd in files.held)
+    dst, length = vdso_block(image.vmas)
+    syscall_ret, restore_rt = find_gadgets(image, files)
+    return Plan(
+        image_fd=high(image_fd), fd_base=fd_base, vmas=vmas, fds=fds,
+        threads=tuple(_plan_thread(t) for t in image.threads),
+        sigactions={s: (0, 0, 0, 0) for s in range(1, 65) if s not in (9, 19)} | {
+            a.signo: (a.handler, a.flags, a.restorer, a.mask) for a in proc.sigactions},
+        rlimits=tuple(_rlimit(r.name, r.soft, r.hard) for r in proc.rlimits),
+        siginfo=tuple((_signo(i), 0, i) for i in proc.shared_pending) + tuple(
+            (_signo(i), n + 1, i) for n, t in enumerate(image.threads) for i in t.pending),
+        mm=tuple(getattr(proc.mm, f) for f in MM_FIELDS),
+        auxv=tuple(x for pair in proc.auxv for x in pair) + (0, 0),
+        exe_fd=_exe_fd(image, files, high),
+        personality=proc.personality, umask=proc.umask,
+        comm=proc.comm.encode()[:15], vdso_dst=dst, vdso_len=length,
+        gadget_syscall_ret=syscall_ret, gadget_sigreturn=restore_rt,
+    )
+
+
+def _free_fd(base: int, moved: dict[int, int]) -> int:
+    fd = max([base - 1] + list(moved.values())) + 1
+    while True:
+        try:
+            os.fstat(fd)
+            fd += 1
+        except OSError:
+            return fd
+
+
+def _plan_vma(v: Vma, fd: int, pages_offset: int) -> PlanVma:
+    flags = (PV_SHARED if v.shared else 0) | (PV_ANON if v.kind == "anon" else 0) | (
+        PV_GROWSDOWN if v.growsdown else 0)
+    advice = 0
+    for name in v.advice:
+        advice |= ADVICE_BITS.get(name, 0)
+    return PlanVma(v.start, v.end, v.offset if v.kind == "file" else 0, fd,
+                   prot_bits(v.prot), flags, advice,
+                   tuple((r.addr, r.count * 4096, pages_offset + r.data_offset)
+                         for r in v.runs))
+
+
+def _plan_thread(t) -> PlanThread:
+    regs = {name: getattr(t.regs, name) for name in t.regs.__dataclass_fields__}
+    frame_addr, frame = build_sigframe(regs, t.xstate, t.sigmask)
+    rseq = t.rseq or (0, 0, 0)
+    return PlanThread(
+        tid=t.tid, fs_base=t.regs.fs_base, gs_base=t.regs.gs_base,
+        tid_address=t.tid_address, robust_head=t.robust_list[0],
+        robust_len=t.robust_list[1], rseq_addr=rseq[0], rseq_len=rseq[1],
+        rseq_sig=rseq[2], altstack_sp=t.altstack[0], altstack_size=t.altstack[2],
+        altstack_flags=t.altstack[1], frame_addr=frame_addr, frame=frame)
+
+
+def _rlimit(name: str, soft: int, hard: int) -> tuple[int, int, int]:
+    """The saved limits, clamped to the caller's hard limit: restoring never
+    raises a hard limit (that needs privilege the caller may not have)."""
+    res = RLIMIT_NUMBERS[name]
+    cur_hard = resource.getrlimit(res)[1]
+    cur_hard = RLIM_INFINITY if cur_hard < 0 else cur_hard
+    hard = min(hard, cur_hard)
+    return res, min(soft, hard), hard
+
+
+def _signo(info: bytes) -> int:
+    return int.from_bytes(info[:4], "little")
+
+
+def vdso_block(vmas: tuple[Vma, ...]) -> tuple[int, int]:
+    """Start and length of the target's [vvar][vvar_vclock][vdso] block."""
+    special = sorted((v for v in vmas if v.kind == "special"), key=lambda v: v.start)
+    if not special:
+        return 0, 0
+    for a, b in zip(special, special[1:]):
+        if a.end != b.start:
+            raise CkptError(Status.UNSUPPORTED_STATE,
+                            "the image's vdso and vvar are not contiguous")
+    return special[0].start, special[-1].end - special[0].start
+
+
+def find_gadgets(image: Image, files: OpenFiles) -> tuple[int, int]:
+    """Addresses of `syscall; ret` and `__restore_rt` in the target's own
+    executable file mappings (read from the files, not from saved pages; the
+    stub checks the bytes again once they are mapped)."""
+    found = {SYSCALL_RET: 0, RESTORE_RT: 0}
+    for v in image.vmas:
+        if v.kind != "file" or "x" not in v.prot or v.runs:
+            continue
+        data = os.pread(files.mapped[v.file], min(v.size, GADGET_SCAN_LIMIT), v.offset)
+        for pattern in found:
+            if not found[pattern]:
+                at = data.find(pattern)
+                if at >= 0:
+                    found[pattern] = v.start + at
+        if all(found.values()):
+            break
+    if not all(found.values()):
+        return 0, 0
+    return found[SYSCALL_RET], found[RESTORE_RT]
+
+
+def _exe_fd(image: Image, files: OpenFiles, high) -> int:
+    """/proc/PID/exe can be set only with CAP_CHECKPOINT_RESTORE (or
+    CAP_SYS_ADMIN); without it the link keeps naming the launcher."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return -1
+    if not (eff >> CAP_CHECKPOINT_RESTORE & 1 or eff >> CAP_SYS_ADMIN & 1):
+        return -1
+    for f in image.files:
+        if f.path == image.process.exe and f.id in files.mapped:
+            return high(files.mapped[f.id])
+    return -1
