@@ -88,7 +88,7 @@ MM = (CODE, CODE + 0x1000, DATA, DATA + 0x1000, DATA + 0x1000, DATA + 0x1000,
       STACK_END - 0x800, STACK_END - 0x800)
 
 def go(code=b"", data=None, *, image=None, xstate=b"", sigmask=0, reg=None,
-       extra_vmas=(), **plan_kw):
+       extra_vmas=(), thread=None, **plan_kw):
     image = image or Image()
     vmas = [PlanVma(CODE, CODE + 0x1000, 0, -1, PROT_READ | PROT_EXEC, PV_ANON, 0,
                     (image.run(CODE, code),) if code else ())]
@@ -100,7 +100,11 @@ def go(code=b"", data=None, *, image=None, xstate=b"", sigmask=0, reg=None,
                         PV_ANON | PV_GROWSDOWN, 0))
     vmas = tuple(sorted(vmas + list(extra_vmas), key=lambda v: v.start))
     fa, frame = build_sigframe(reg or regs(), xstate, sigmask)
-    th = PlanThread(os.getpid(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, SS_DISABLE, fa, frame)
+    tkw = dict(tid=os.getpid(), fs_base=0, gs_base=0, tid_address=0, robust_head=0,
+               robust_len=0, rseq_addr=0, rseq_len=0, rseq_sig=0, altstack_sp=0,
+               altstack_size=0, altstack_flags=SS_DISABLE)
+    tkw.update(thread or {})
+    th = PlanThread(frame_addr=fa, frame=frame, **tkw)
     kw = dict(mm=MM, auxv=(6, 4096, 0, 0), sigactions={}, rlimits=(), siginfo=(),
               fds=(), image_fd=image.fd, fd_base=FD_BASE)
     kw.update(plan_kw)
@@ -328,8 +332,8 @@ def test_handover_process_state():
     # signal 34) pending because blocked: the code prints /proc/self/status
     # and /proc/self/personality.
     body = r'''
-paths = b"/proc/self/status\0/proc/self/personality\0"
-code = cat(DATA) + cat(DATA + 18) + exit_imm(0)
+paths = b"/proc/self/status\0/proc/self/personality\0/proc/self/limits\0"
+code = cat(DATA) + cat(DATA + 18) + cat(DATA + 41) + exit_imm(0)
 info = lambda sig: struct.pack("<iii", sig, 0, -1) + bytes(116)     # SI_QUEUE
 mask = (1 << 9) | (1 << 33)
 go(code, paths, sigmask=mask, comm=b"restored-proc", umask=0o027,
@@ -349,7 +353,41 @@ go(code, paths, sigmask=mask, comm=b"restored-proc", umask=0o027,
     assert int(f["ShdPnd"], 16) == 1 << 33
     assert int(f["SigIgn"], 16) == (1 << 11) | (1 << 1)
     assert int(f["SigCgt"], 16) == 0
-    assert text.rstrip().endswith("00040000"), text[-40:]
+    assert re.search(r"^00040000$", text, re.M), text
+    assert re.search(r"^Max open files\s+200\s+4096\s+files", text, re.M), text
+
+
+def test_handover_thread_state():
+    # fs_base, rseq, sigaltstack, robust list and clear_child_tid arrive:
+    # exit(%fs:0x10 [40] + (rseq cpu_id still -1 ? 100 : 0)
+    #      + altstack size >> 12 [8] + (robust head - HEAD) + (tid addr - TIDA))
+    body = r"""
+TLS = 0x10500000
+tls = bytearray(4096)
+tls[0x10:0x14] = p32(40)
+tls[0x104:0x108] = p32(0xFFFFFFFF)            # rseq.cpu_id: RSEQ_CPU_ID_UNINITIALIZED
+code = (b"\x64\x8b\x1c\x25\x10\x00\x00\x00"     # mov %fs:0x10,%ebx
+        b"\x8b\x04\x25" + p32(TLS + 0x104) +    # mov rseq.cpu_id,%eax
+        b"\xff\xc0\x75\x03\x83\xc3\x64"         # inc %eax; jne 1f; add $100,%ebx; 1:
+        b"\xb8\x83\x00\x00\x00\x31\xff\xbe" + p32(BUF + 0x200) + b"\x0f\x05"   # sigaltstack(0, BUF+0x200)
+        b"\x8b\x04\x25" + p32(BUF + 0x210) + b"\xc1\xe8\x0c\x01\xc3"          # ebx += ss_size >> 12
+        b"\xb8\x12\x01\x00\x00\x31\xff\xbe" + p32(BUF + 0x300)
+        + b"\xba" + p32(BUF + 0x308) + b"\x0f\x05"                            # get_robust_list(0, ..)
+        b"\x8b\x04\x25" + p32(BUF + 0x300) + b"\x2d" + p32(TLS + 0x200) + b"\x01\xc3"
+        b"\xb8\x9d\x00\x00\x00\xbf\x28\x00\x00\x00\xbe" + p32(BUF + 0x310)
+        + b"\x0f\x05"                                                          # prctl(PR_GET_TID_ADDRESS)
+        b"\x8b\x04\x25" + p32(BUF + 0x310) + b"\x2d" + p32(TLS + 0x300) + b"\x01\xc3"
+        b"\x89\xdf" + EXIT_EDI)                                                # exit(ebx)
+image = Image()
+tvma = PlanVma(TLS, TLS + 0x1000, 0, -1, PROT_READ | PROT_WRITE, PV_ANON, 0,
+               (image.run(TLS, tls),))
+thread = dict(fs_base=TLS, tid_address=TLS + 0x300, robust_head=TLS + 0x200,
+              robust_len=24, rseq_addr=TLS + 0x100, rseq_len=32, rseq_sig=RSEQ_SIG,
+              altstack_sp=BUF + 0x8000, altstack_size=0x8000, altstack_flags=0)
+go(code, image=image, extra_vmas=(tvma,), thread=thread)
+"""
+    r = run_child(body)
+    assert r.returncode == 48, _line(r)
 
 
 # -- failures after the point of no return ------------------------------------

@@ -145,7 +145,9 @@ def find_gadgets(image: Image, files: OpenFiles) -> tuple[int, int]:
 
 def _exe_fd(image: Image, files: OpenFiles, high) -> int:
     """/proc/PID/exe can be set only with CAP_CHECKPOINT_RESTORE (or
-    CAP_SYS_ADMIN); without it the link keeps naming the launcher."""
+    CAP_SYS_ADMIN); without it the link keeps naming the launcher. When the
+    target's exe is the launcher's own (a Python program) it is already
+    right, and the kernel would refuse anyway (EBUSY: old exe still mapped)."""
     try:
         with open("/proc/self/status") as f:
             eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
@@ -155,5 +157,8 @@ def _exe_fd(image: Image, files: OpenFiles, high) -> int:
         return -1
     for f in image.files:
         if f.path == image.process.exe and f.id in files.mapped:
+            own, st = os.stat("/proc/self/exe"), os.fstat(files.mapped[f.id])
+            if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+                return -1
             return high(files.mapped[f.id])
     return -1
