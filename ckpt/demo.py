@@ -43,19 +43,18 @@ def run() -> None:
             print("    original | " + line, end="", flush=True)
             last = int(line.split()[1])
         t0 = time.monotonic()
-        dumped = subprocess.run(CKPT + ["dump", str(counter.pid), "-o", image],
+        dumped = subprocess.run(CKPT + ["dump", str(counter.pid), "-o", image, "--kill"],
                                 stdin=subprocess.DEVNULL)
         if dumped.returncode:
             counter.kill()
             raise CkptError(Status(dumped.returncode), "the dump failed (see above)")
         took = (time.monotonic() - t0) * 1000
-        counter.kill()
-        for line in counter.stdout:       # whatever it printed before it died
+        for line in counter.stdout:       # whatever it printed before the dump
             print("    original | " + line, end="")
             last = int(line.split()[1])
         counter.wait()
         say(f"dumped it to {os.path.basename(image)} "
-            f"({os.path.getsize(image) / 1024:.0f} KiB) in {took:.0f} ms, then killed it")
+            f"({os.path.getsize(image) / 1024:.0f} KiB) in {took:.0f} ms and killed it (--kill)")
         say("restoring: `ckpt restore counter.ckpt` becomes the counter")
         restored = subprocess.Popen(CKPT + ["restore", image], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, close_fds=True, text=True)

@@ -58,6 +58,8 @@ def dump(pid: int, output: str, *, kill: bool = False,
         written = write_image(out.file, image, pages)
         show.done()
         out.commit()
+        if kill:        # while still frozen: it never runs past the snapshot
+            os.kill(pid, 9)
     except TaskGone:
         raise CkptError(Status.TARGET_GONE,
                         f"process {pid} exited during the dump; no image written")
@@ -71,11 +73,6 @@ def dump(pid: int, output: str, *, kill: bool = False,
             out.discard()
         frozen = time.monotonic() - t0
         tracee.detach()
-    if kill:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
     return DumpStats(pid, written, sum(v.pages_saved for v in image.vmas),
                      time.monotonic() - t0, frozen)
 
