@@ -54,16 +54,23 @@ def dump(pid: int, output: str, kill: bool, progress: bool | None) -> None:
 
 @cli.command(epilog=EPILOG)
 @click.argument("image", type=click.Path(dir_okay=False))
-def restore(image: str) -> None:
+@click.option("--as-caller", is_flag=True, envvar="CKPT_AS_CALLER",
+              help="Restore with your own credentials even if the image's differ.")
+@click.option("--restore-creds", is_flag=True, envvar="CKPT_RESTORE_CREDS",
+              help="Switch to the image's uids/gids/groups (the kernel decides "
+                   "whether you may).")
+def restore(image: str, as_caller: bool, restore_creds: bool) -> None:
     """Become the process saved in IMAGE (same PID as this command).
 
     Everything is checked first (the image, this kernel, every file it maps
     or holds open, opened as you); only then is the current process
     replaced. Its exit status is the restored program's. Standard fds 0-2
-    are yours, as with any exec.
+    are yours, as with any exec. The restored process never has more than
+    your credentials: an image saved by another user is refused unless you
+    choose --as-caller or --restore-creds.
     """
     from .restore import restore as do_restore
-    do_restore(image)
+    do_restore(image, as_caller=as_caller, restore_creds=restore_creds)
 
 
 @cli.command(epilog=EPILOG)

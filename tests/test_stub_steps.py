@@ -9,6 +9,7 @@ comments), so no dumper is involved.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -130,11 +131,10 @@ def _stub_fresh() -> None:
     except ImportError:
         pytest.fail("ckpt/restore/_stub.py is missing: run "
                     "`python restorer-stub/build.py ckpt/restore/_stub.py`")
-    sys.path.insert(0, str(ROOT / "restorer-stub"))
-    try:
-        import build
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location(
+        "ckpt_stub_build", ROOT / "restorer-stub" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
     if build.source_hash() != _stub.SOURCE_HASH:
         pytest.fail("ckpt/restore/_stub.py is stale: run "
                     "`python restorer-stub/build.py ckpt/restore/_stub.py`")
