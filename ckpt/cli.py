@@ -7,12 +7,11 @@ status from ckpt.errors; a traceback is shown only with CKPT_DEBUG=1.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
-from .errors import CkptError, Status, status_table
+from .errors import CkptError, Status, run_guarded, status_table
 
 EPILOG = "\b\nExit statuses:\n" + status_table()
 
@@ -93,27 +92,86 @@ def demo() -> None:
     run()
 
 
+@cli.group(epilog=EPILOG)
+def binfmt() -> None:
+    """Let images be run directly: ./app.ckpt restores in place.
+
+    Entries are machine-wide and need root. The format is registered
+    without the C flag: a restored image always runs with the credentials
+    of whoever executed it. `disable` (or `unregister`) makes ./app.ckpt
+    fail with "Exec format error" and nothing else happens.
+    """
+
+
+_NAME = click.option("--name", default="ckpt", show_default=True,
+                     help="binfmt_misc entry name.")
+
+
+@binfmt.command("register")
+@_NAME
+@click.option("--launcher", metavar="PATH",
+              help="Where to write the interpreter script (default: this "
+                   "install's bin/ckpt-launcher).")
+def binfmt_register(name: str, launcher: str | None) -> None:
+    """Register (or re-register) the format; mounts binfmt_misc if needed."""
+    from . import binfmt as b
+    for line in b.register(name, launcher):
+        click.echo(line)
+
+
+@binfmt.command("unregister")
+@_NAME
+def binfmt_unregister(name: str) -> None:
+    """Remove the entry."""
+    from . import binfmt as b
+    click.echo(b.unregister(name))
+
+
+@binfmt.command("enable")
+@_NAME
+def binfmt_enable(name: str) -> None:
+    """Let images run again."""
+    from . import binfmt as b
+    click.echo(b.enable(name))
+
+
+@binfmt.command("disable")
+@_NAME
+def binfmt_disable(name: str) -> None:
+    """Stop images from running (exec fails with ENOEXEC)."""
+    from . import binfmt as b
+    click.echo(b.disable(name))
+
+
+@binfmt.command("status")
+@_NAME
+def binfmt_status(name: str) -> None:
+    """Is the format registered and enabled, and which interpreter runs."""
+    from . import binfmt as b
+    click.echo(b.status(name))
+
+
+@binfmt.command("files")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--launcher", default="/usr/local/bin/ckpt-launcher", show_default=True)
+def binfmt_files(directory: str, launcher: str) -> None:
+    """Write the systemd binfmt.d and binfmt-support files into DIRECTORY."""
+    import os
+    from . import binfmt as b
+    os.makedirs(directory, exist_ok=True)
+    for fname, text in (("ckpt.conf", b.systemd_conf(launcher)),
+                        ("ckpt.binfmt-support", b.binfmt_support(launcher))):
+        with open(os.path.join(directory, fname), "w") as f:
+            f.write(text)
+        click.echo(os.path.join(directory, fname))
+
+
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cli.main(args=argv, prog_name="ckpt", standalone_mode=False)
-    except CkptError as e:
-        _fail(e.status, e.message)
-    except click.exceptions.Abort:
-        _fail(Status.USAGE, "aborted")
-    except click.ClickException as e:
-        _fail(Status.USAGE, e.format_message())
-    except KeyboardInterrupt:
-        _fail(130, "interrupted")
-    except BrokenPipeError:
-        _fail(Status.OUTPUT, "output closed early")
-    except Exception as e:          # a bug: one line, never a traceback
-        if os.environ.get("CKPT_DEBUG"):
-            raise
-        _fail(Status.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-    sys.exit(0)
-
-
-def _fail(status: int, message: str) -> None:
-    sys.stderr.write(f"ckpt: {message}\n")
-    sys.stderr.flush()
-    sys.exit(int(status))
+    def body() -> None:
+        try:
+            cli.main(args=argv, prog_name="ckpt", standalone_mode=False)
+        except click.exceptions.Abort:
+            raise CkptError(Status.USAGE, "aborted")
+        except click.ClickException as e:
+            raise CkptError(Status.USAGE, e.format_message())
+    run_guarded(body)

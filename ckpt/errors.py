@@ -7,6 +7,9 @@ with one of these statuses. The table is documented in README.md and
 from __future__ import annotations
 
 import enum
+import os
+import sys
+from typing import NoReturn
 
 
 class Status(enum.IntEnum):
@@ -26,6 +29,7 @@ class Status(enum.IntEnum):
     UNSUPPORTED_TARGET = 22   # dump: state ckpt does not save (a socket, a thread, ...)
     TARGET_GONE = 23          # dump: target exited or was killed during the dump
     OUTPUT = 24               # dump: can't write the image
+    BINFMT = 25               # binfmt: can't change the registration
     INTERNAL = 70             # a bug in ckpt (EX_SOFTWARE)
     AFTER_NO_RETURN = 99      # restorer stub failed after the launcher was gone
 
@@ -47,6 +51,7 @@ DESCRIPTIONS = {
     Status.UNSUPPORTED_TARGET: "dump: the process has state ckpt cannot save",
     Status.TARGET_GONE: "dump: the process exited during the dump",
     Status.OUTPUT: "dump: cannot write the image",
+    Status.BINFMT: "binfmt: cannot change the binfmt_misc registration",
     Status.INTERNAL: "internal error (a bug in ckpt: please report it)",
     Status.AFTER_NO_RETURN: "restore failed after the point of no return (the stub's message says which step)",
 }
@@ -62,6 +67,33 @@ class CkptError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def fail(status: int, message: str) -> NoReturn:
+    """The one way ckpt ends with an error: one line on stderr, a status."""
+    sys.stderr.write(f"ckpt: {message}\n")
+    sys.stderr.flush()
+    sys.exit(int(status))
+
+
+def run_guarded(body) -> NoReturn:
+    """Run body(); turn every failure into one line and a status. A
+    traceback is shown only with CKPT_DEBUG=1."""
+    try:
+        body()
+    except CkptError as e:
+        fail(e.status, e.message)
+    except KeyboardInterrupt:
+        fail(130, "interrupted")
+    except BrokenPipeError:
+        fail(Status.OUTPUT, "output closed early")
+    except SystemExit:
+        raise
+    except Exception as e:      # a bug: one line, never a traceback
+        if os.environ.get("CKPT_DEBUG"):
+            raise
+        fail(Status.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+    sys.exit(0)
 
 
 def status_table() -> str:
