@@ -3,8 +3,9 @@
 Mapped files must be the very file that was mapped: an ELF file with a
 build-id must have the same build-id and size (so a library copied to
 another machine with the same contents passes); any other file the same
-size and mtime. Files held open (fds) need only exist and open with the same
-flags: a log that grew is fine; one that shrank below the saved offset is
+size and mtime (a file mapped shared and writable only the same size:
+the program's own writes change its mtime). Files held open (fds) need
+only exist and open with the same flags: a log that grew is fine; one that shrank below the saved offset is
 refused, since resuming past its end would leave a hole. Every problem is
 collected and reported at once.
 """
@@ -81,7 +82,10 @@ def _open_mapped(files: OpenFiles, f: File, writable: bool) -> None:
     elif f.build_id:
         if build_id(fd) != f.build_id:
             why = "ELF build-id differs"
-    elif st.st_mtime_ns != f.mtime_ns:
+    elif st.st_mtime_ns != f.mtime_ns and not writable:
+        # A file the program maps shared and writable is its own live data:
+        # it changes whenever the program (or the original, running on after
+        # the dump) writes it, so only its size is checked.
         why = "modified since the dump"
     if why:
         os.close(fd)
