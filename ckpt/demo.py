@@ -55,15 +55,23 @@ def run() -> None:
         counter.wait()
         say(f"dumped it to {os.path.basename(image)} "
             f"({os.path.getsize(image) / 1024:.0f} KiB) in {took:.0f} ms and killed it (--kill)")
-        say("restoring: `ckpt restore counter.ckpt` becomes the counter")
-        restored = subprocess.Popen(CKPT + ["restore", image], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, close_fds=True, text=True)
-        first = None
-        for line in restored.stdout:
-            print(f"    restored | {line}", end="", flush=True)
-            if first is None and line.startswith("tick"):
-                first = int(line.split()[1])
-        status = restored.wait()
+        entry = _register(tmp)
+        if entry:
+            say(f"restoring: ./counter.ckpt (binfmt_misc entry '{entry}', "
+                "registered for this demo) becomes the counter")
+            argv = [image]
+        else:
+            say("restoring: `ckpt restore counter.ckpt` becomes the counter "
+                "(run the demo as root to see ./counter.ckpt run directly)")
+            argv = CKPT + ["restore", image]
+        try:
+            restored = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, close_fds=True, text=True)
+            first, status = _follow(restored)
+        finally:
+            if entry:
+                from .binfmt import unregister
+                unregister(entry)
         say(f"the restored counter (pid {restored.pid}) exited with status {status}")
         if status != 7 or first != last + 1:
             raise CkptError(Status.INTERNAL,
@@ -71,3 +79,22 @@ def run() -> None:
                             f"got tick {first} and status {status}")
         say(f"it went on at tick {first}, right after the last tick before the dump. "
             "Try it yourself: ckpt dump PID -o app.ckpt; ckpt restore app.ckpt")
+
+
+def _follow(restored: subprocess.Popen) -> tuple[int | None, int]:
+    first = None
+    for line in restored.stdout:
+        print(f"    restored | {line}", end="", flush=True)
+        if first is None and line.startswith("tick"):
+            first = int(line.split()[1])
+    return first, restored.wait()
+
+
+def _register(tmp: str) -> str | None:
+    """As root, a temporary binfmt_misc entry of the demo's own."""
+    if os.geteuid() != 0:
+        return None
+    from . import binfmt
+    name = f"ckpt-demo-{os.getpid()}"
+    binfmt.register(name, os.path.join(tmp, "ckpt-launcher"))
+    return name

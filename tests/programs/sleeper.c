@@ -6,6 +6,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#ifdef CKPT_TEST_VARIANT        /* another build of it: other bytes, other build-id */
+#define READY "ready (variant) %s\n"
+#else
+#define READY "ready %s\n"
+#endif
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
@@ -16,7 +22,7 @@ int main(int argc, char **argv)
         for (;;)
             pause();
     }
-    printf("ready %s\n", mode);
+    printf(READY, mode);
     fflush(stdout);
     for (;;)
         pause();
