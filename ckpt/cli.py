@@ -119,36 +119,20 @@ def binfmt_register(name: str, launcher: str | None) -> None:
         click.echo(line)
 
 
-@binfmt.command("unregister")
-@_NAME
-def binfmt_unregister(name: str) -> None:
-    """Remove the entry."""
-    from . import binfmt as b
-    click.echo(b.unregister(name))
+def _entry_command(verb: str, doc: str) -> None:
+    @binfmt.command(verb, help=doc)
+    @_NAME
+    def command(name: str) -> None:
+        from . import binfmt as b
+        click.echo(getattr(b, verb)(name))
 
 
-@binfmt.command("enable")
-@_NAME
-def binfmt_enable(name: str) -> None:
-    """Let images run again."""
-    from . import binfmt as b
-    click.echo(b.enable(name))
-
-
-@binfmt.command("disable")
-@_NAME
-def binfmt_disable(name: str) -> None:
-    """Stop images from running (exec fails with ENOEXEC)."""
-    from . import binfmt as b
-    click.echo(b.disable(name))
-
-
-@binfmt.command("status")
-@_NAME
-def binfmt_status(name: str) -> None:
-    """Is the format registered and enabled, and which interpreter runs."""
-    from . import binfmt as b
-    click.echo(b.status(name))
+for _verb, _doc in (
+        ("unregister", "Remove the entry."),
+        ("enable", "Let images run again."),
+        ("disable", "Stop images from running (exec fails with ENOEXEC)."),
+        ("status", "Is the format registered and enabled, and which interpreter runs.")):
+    _entry_command(_verb, _doc)
 
 
 @binfmt.command("files")
