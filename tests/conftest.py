@@ -73,6 +73,9 @@ class Result:
     stdout: str
     stderr: str
 
+    def __iter__(self):
+        return iter((self.returncode, self.stdout, self.stderr))
+
     def __str__(self) -> str:
         return (f"status {self.returncode}\n--- stdout ---\n{self.stdout[-3000:]}"
                 f"\n--- stderr ---\n{self.stderr[-3000:]}")
@@ -161,7 +164,10 @@ class Target:
         return self.popen.poll() is None
 
     def kill(self) -> int:
-        """SIGKILL the target (and its process group) and wait for it."""
+        """SIGKILL the target (and its process group) and wait for it.
+        Once it has been reaped its pid may be reused: nothing is sent."""
+        if self.popen.returncode is not None:
+            return self.popen.returncode
         for send in (lambda: os.killpg(self.pid, signal.SIGKILL),
                      lambda: os.kill(self.pid, signal.SIGKILL)):
             try:

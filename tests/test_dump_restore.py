@@ -91,7 +91,6 @@ def test_heap_256mib_checksum_and_file_offsets(programs, start, tmp_path):
     pos3, pos4 = fd_pos(image, 3), fd_pos(image, 4)
     fds = {d["fd"]: d for d in img["fds"]}
     assert "append" in fds[4]["flags"] and "append" not in fds[3]["flags"]
-    assert pos3 == pos4, "both files had the same lines written at the dump"
     assert 0 < pos3 < len(ref_progress) - 30, "the dump must land mid-work"
 
     r = restore(image, timeout=120)
@@ -169,6 +168,9 @@ def test_pause_with_signal_handler(programs, start, tmp_path):
         wait_for(restored, 30, "the restored process to map the program")
         wait_for(lambda: _state(p.pid) == "S", 10, "the restored process to sleep")
         time.sleep(0.1)
+        # It is the program now, under the restore command's pid.
+        assert pathlib.Path(f"/proc/{p.pid}/comm").read_text() == "pausesig\n"
+        assert pathlib.Path(f"/proc/{p.pid}/cmdline").read_bytes() == exe.encode() + b"\0"
         assert p.poll() is None, "the restored process must stay in pause()"
         assert read_lines(out) == []
         deadline = time.monotonic() + 20
@@ -185,6 +187,44 @@ def test_pause_with_signal_handler(programs, start, tmp_path):
     assert lines[-1] == "done 3"
     counts = [int(x.split()[1]) for x in lines[:-1]]
     assert all(n == 2 for n in counts), f"the count must go on from 1: {lines}"
+
+
+@pytest.mark.xfail(strict=True, reason="itimers (alarm/setitimer) are not dumped yet: "
+                   "the restored process waits in pause() for a SIGALRM that never comes")
+def test_pause_woken_by_itimer(programs, start, tmp_path):
+    target = start([programs("pausesig"), "alarm"])
+    wait_lines(target.stdout_path, 2, target=target)     # the first alarm came
+    image = tmp_path / "alarm.ckpt"
+    dump(target.pid, image)
+    target.kill()
+    r = restore(image, timeout=3)      # uninterrupted, it needs < 1 s more
+    assert r.returncode == 4, r
+    assert r.stdout.splitlines()[-1] == "done 3"
+
+
+def test_dump_to_a_pipe_restores(programs, start, tmp_path):
+    """`ckpt dump PID -o -` streams the image to stdout (here a pipe into
+    cat, which writes the file): the streamed image restores."""
+    nsleep = programs("nsleep")
+    ref = start([nsleep, 6, 0], name="reference")
+    assert ref.wait() == 3
+    ref_lines = ref.stdout().splitlines()
+    target = start([nsleep, 6, 100])
+    before = len(wait_lines(target.stdout_path, 2, target=target))
+    image = tmp_path / "streamed.ckpt"
+    with open(image, "wb") as out:
+        cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=out, close_fds=True)
+        d = subprocess.run(CKPT + ["dump", str(target.pid), "-o", "-"], stdout=cat.stdin,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True,
+                           env=CKPT_ENV, cwd=ROOT, timeout=60)
+        cat.stdin.close()
+        assert cat.wait(timeout=30) == 0
+    assert d.returncode == 0, d.stderr
+    after = len(read_lines(target.stdout_path))
+    target.kill()
+    r = restore(image)
+    assert r.returncode == 3, r
+    suffix_start(ref_lines, r.stdout.splitlines(), before, after)
 
 
 def _state(pid: int) -> str:
@@ -295,7 +335,7 @@ exec 3>"$1"
 i=0; acc=0
 while [ $i -lt 30 ]; do
     j=0
-    while [ $j -lt 1500 ]; do
+    while [ $j -lt 12000 ]; do
         j=$((j + 1)); acc=$(( (acc * 31 + j) % 1000003 ))
     done
     i=$((i + 1))
@@ -309,7 +349,7 @@ exit 5
 def sh_expected() -> tuple[list[str], str]:
     acc, lines = 0, []
     for i in range(1, 31):
-        for j in range(1, 1501):
+        for j in range(1, 12001):
             acc = (acc * 31 + j) % 1000003
         lines.append(f"{i} {acc}")
     return lines, f"final {acc}"
@@ -357,12 +397,12 @@ def test_dump_twice_both_restore(programs, start, tmp_path):
     pos1, pos2 = fd_pos(first, 3), fd_pos(second, 3)
     assert 0 < pos1 < pos2 < len(ref_progress)
 
-    for image, pos in ((first, pos1), (second, pos2)):
+    for image in (first, second):
         r = restore(image)
         assert r.returncode == ref_status, f"{image.name}: {r}"
         assert r.stdout == ref_out
         assert (run / "progress").read_bytes() == ref_progress
-        append += ref_progress[pos:]
+        append += ref_progress[fd_pos(image, 4):]     # O_APPEND: after all before
         assert (run / "append").read_bytes() == append
 
 

@@ -84,6 +84,14 @@ def _refuse_early(pid: int) -> None:
         raise CkptError(Status.NO_PROCESS, f"no such process: {pid}")
     except PermissionError:
         raise CkptError(Status.PTRACE_DENIED, f"not allowed to read /proc/{pid}")
+    try:
+        state = procfs.status(pid).get("State", "")
+    except FileNotFoundError:
+        raise CkptError(Status.NO_PROCESS, f"no such process: {pid}")
+    if state.startswith(("Z", "X")):
+        # ptrace refuses a zombie with EPERM: say what it is, not "denied".
+        raise CkptError(Status.NO_PROCESS, f"process {pid} has exited (a zombie "
+                        "its parent has not reaped yet): nothing to dump")
     if len(tasks) > 1:
         raise CkptError(Status.UNSUPPORTED_TARGET,
                         f"process {pid} has {len(tasks)} threads: multi-threaded "

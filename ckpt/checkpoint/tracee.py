@@ -77,6 +77,9 @@ class Tracee:
             if e.errno == errno.ESRCH:
                 raise CkptError(Status.NO_PROCESS, f"no such process: {self.tid}")
             if e.errno == errno.EPERM:
+                if _is_zombie(self.tid):        # ptrace says EPERM for these too
+                    raise CkptError(Status.NO_PROCESS,
+                                    f"process {self.tid} has exited: nothing to dump")
                 raise CkptError(Status.PTRACE_DENIED, _denied_message(self.tid))
             raise
         self.attached = True
@@ -202,6 +205,16 @@ def restarted_regs(regs) -> dict[str, int]:
         out["rax"] = out["orig_rax"]
         out["rip"] -= 2
     return out
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True         # gone altogether
+    except (OSError, IndexError):
+        return False
 
 
 def _denied_message(pid: int) -> str:
