@@ -216,3 +216,29 @@ def test_dump_a_zombie(tmp_path):
         assert os.listdir(tmp_path) == []
     finally:
         p.wait()
+
+
+def test_target_killed_during_the_dump(start, tmp_path):
+    """The target dies while its pages are being written: status 23, one
+    line, and neither the image nor its temp file is left."""
+    big = start(["/usr/bin/python3", "-I", "-S", "-c",
+                 "import sys, time\nb = b'x' * (768 << 20)\nprint('ready', flush=True)\n"
+                 "time.sleep(600)"])
+    wait_lines(big.stdout_path, 1, target=big)
+    out = tmp_path / "out"
+    out.mkdir()
+    image = out / "big.ckpt"
+    with open(tmp_path / "dump.err", "wb") as err:
+        dumper = subprocess.Popen(CKPT + ["dump", str(big.pid), "-o", str(image)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=err, close_fds=True, cwd=ROOT,
+                                  env=__import__("conftest").CKPT_ENV)
+        # Pages are being written once the temp file exists and grows.
+        wait_for(lambda: any(p.stat().st_size > (1 << 20) for p in out.iterdir()),
+                 timeout=60, what="the dump to start writing pages")
+        big.kill()
+        status = dumper.wait(timeout=60)
+    stderr = (tmp_path / "dump.err").read_text()
+    assert status == 23, stderr
+    assert len(stderr.splitlines()) == 1 and "exited during the dump" in stderr
+    assert list(out.iterdir()) == [], "a partial image or temp file was left"

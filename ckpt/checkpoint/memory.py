@@ -134,7 +134,8 @@ def read_pages(pid: int, vmas: list[Vma],
                     data = os.pread(fd, n, addr)
                     if len(data) != n:
                         raise CkptError(Status.TARGET_GONE,
-                                        f"process {pid}: short read of memory at {addr:#x}")
+                                        f"process {pid} exited during the dump (its memory "
+                                        f"at {addr:#x} became unreadable); no image written")
                     yield data
                     if progress:
                         progress(n)
