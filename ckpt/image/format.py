@@ -42,6 +42,32 @@ TRAILER_MAGIC = b"CKPT-END"
 TRAILER = struct.Struct("<8sQ32s")            # magic, total_length, image checksum
 TRAILER_SIZE = TRAILER.size                   # 48
 
+# Signature blocks (section 7a of docs/image-format.md): zero or more follow
+# the trailer. Each signs the trailer, whose image checksum is a digest of
+# every byte before it, so adding or removing one never changes the image.
+SIG_MAGIC = b"CKPT-SIG"
+SIG_HEADER = struct.Struct("<8sHHI")          # magic, block version, algorithm, body length
+SIG_HEADER_SIZE = SIG_HEADER.size             # 16
+SIG_VERSION = 1                               # block layout this reader knows
+SIG_ED25519 = 1                               # algorithm: body = public key (32) || signature (64)
+ED25519_BODY = 96
+MAX_SIG_BODY = 4096
+MAX_SIGNATURES = 16
+SIG_CONTEXT = b"ckpt image signature\0"       # domain separation for the signed message
+SigBlock = namedtuple("SigBlock", "version algorithm body offset")
+
+
+def signed_message(trailer: bytes, version: int = SIG_VERSION,
+                   algorithm: int = SIG_ED25519) -> bytes:
+    """What a signature block of (version, algorithm) signs: a context
+    string, the block's version and algorithm, and the 48-byte trailer."""
+    return SIG_CONTEXT + struct.pack("<HH", version, algorithm) + bytes(trailer)
+
+
+def signature_block(body: bytes, version: int = SIG_VERSION,
+                    algorithm: int = SIG_ED25519) -> bytes:
+    return SIG_HEADER.pack(SIG_MAGIC, version, algorithm, len(body)) + bytes(body)
+
 
 def header_bytes(records: bytes, pages_length: int, *, major=VERSION_MAJOR,
                  minor=VERSION_MINOR, machine=MACHINE, page_size=PAGE_SIZE, flags=0,

@@ -29,30 +29,40 @@ class _Unsupported(Exception):
     pass
 
 
-def read_image(src, *, verify_pages: bool = True) -> Image:
+def read_image(src, *, verify_pages: bool = True, name: str | None = None,
+               authenticate=None) -> Image:
     """Read and validate a whole image from a path or a binary file object.
 
     Page data is not loaded: the result says where it is (Image.pages_offset,
     PageRun.data_offset). With verify_pages, the page data is streamed through
     its checksum; without, it is skipped (seek if possible). Raises CkptError:
     NOT_AN_IMAGE, UNSUPPORTED_IMAGE, CORRUPT_IMAGE, or USAGE if the path can't
-    be opened.
+    be opened. `name` is what messages call the image (default: the path).
+
+    Image.extra holds "trailer" (its 48 bytes) and "signatures" (SigBlocks,
+    in file order). With `authenticate` (and verify_pages), the records are
+    decoded only after the whole stream is read and checksummed and
+    authenticate(trailer, signatures) has returned: a restore that requires
+    a signature never parses records nobody vouched for. It raises
+    CkptError to refuse.
     """
     if isinstance(src, (str, bytes, os.PathLike)):
-        name = os.fsdecode(src)
+        name = name or os.fsdecode(src)
         try:
             f = open(src, "rb")
         except OSError as e:
             raise CkptError(Status.USAGE, f"{name}: cannot open: {e.strerror or e}") from None
         with f:
-            return _read(f, name, verify_pages)
-    name = getattr(src, "name", None)
-    return _read(src, name if isinstance(name, str) else "<stream>", verify_pages)
+            return _read(f, name, verify_pages, authenticate)
+    if name is None:
+        name = getattr(src, "name", None)
+        name = name if isinstance(name, str) else "<stream>"
+    return _read(src, name, verify_pages, authenticate)
 
 
-def _read(f, name: str, verify_pages: bool) -> Image:
+def _read(f, name: str, verify_pages: bool, authenticate) -> Image:
     try:
-        return _parse(_Input(f), verify_pages)
+        return _parse(_Input(f), verify_pages, authenticate)
     except _NotAnImage:
         raise CkptError(Status.NOT_AN_IMAGE, f"{name}: not a ckpt image") from None
     except _Unsupported as e:
@@ -62,9 +72,12 @@ def _read(f, name: str, verify_pages: bool) -> Image:
     except OSError as e:
         raise CkptError(Status.CORRUPT_IMAGE,
                         f"{name}: cannot read image: {e.strerror or e}") from None
+    except MemoryError:
+        raise CkptError(Status.NO_MEMORY, f"{name}: not enough memory to read the "
+                        "image's records") from None
 
 
-def _parse(inp: _Input, verify_pages: bool) -> Image:
+def _parse(inp: _Input, verify_pages: bool, authenticate=None) -> Image:
     magic = inp.read_upto(len(fmt.MAGIC))
     if magic != fmt.MAGIC:
         raise _NotAnImage()
@@ -88,21 +101,28 @@ def _parse(inp: _Input, verify_pages: bool) -> Image:
                            + ", ".join(f"{n} ({m})" for m, n in fmt.MACHINES.items()))
     if h.page_size != fmt.PAGE_SIZE:
         raise _Unsupported(f"page size {h.page_size}; this ckpt supports {fmt.PAGE_SIZE}")
-    try:
-        if h.flags & ~fmt.KNOWN_FLAGS:
-            raise fmt.UnknownName(f"unknown header flags {h.flags & ~fmt.KNOWN_FLAGS:#x}")
-        if h.reserved:
-            raise fmt.UnknownName(f"reserved header field is {h.reserved:#x}, not 0")
-        process, threads, files, vmas, fds, pages_length = decode_records(records)
-    except fmt.UnknownName as e:
-        if h.minor > fmt.VERSION_MINOR:
-            raise _Unsupported(f"{e}: image format {h.major}.{h.minor} is newer than "
-                               f"this ckpt's {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}") from None
-        raise
-    if h.pages_length != pages_length:
-        raise fmt.Malformed(f"header says {h.pages_length} bytes of page data, "
-                            f"the vmas' runs {pages_length}")
 
+    def decode():
+        try:
+            if h.flags & ~fmt.KNOWN_FLAGS:
+                raise fmt.UnknownName(f"unknown header flags {h.flags & ~fmt.KNOWN_FLAGS:#x}")
+            if h.reserved:
+                raise fmt.UnknownName(f"reserved header field is {h.reserved:#x}, not 0")
+            decoded = decode_records(records)
+        except fmt.UnknownName as e:
+            if h.minor > fmt.VERSION_MINOR:
+                raise _Unsupported(f"{e}: image format {h.major}.{h.minor} is newer than "
+                                   f"this ckpt's {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}") from None
+            raise
+        if h.pages_length != decoded[-1]:
+            raise fmt.Malformed(f"header says {h.pages_length} bytes of page data, "
+                                f"the vmas' runs {decoded[-1]}")
+        return decoded
+
+    deferred = authenticate is not None and verify_pages
+    if not deferred:
+        decoded = decode()
+    pages_length = h.pages_length
     offset = fmt.pages_offset(h.records_length)
     padding = inp.exact(offset - fmt.HEADER_SIZE - h.records_length, "padding")
     if padding.count(0) != len(padding):
@@ -111,7 +131,8 @@ def _parse(inp: _Input, verify_pages: bool) -> Image:
         digest = inp.hash(pages_length, fmt.image_hasher(h.checksum), "page data")
     else:
         inp.skip(pages_length, "page data")
-    t_magic, t_total, t_digest = fmt.TRAILER.unpack(inp.exact(fmt.TRAILER_SIZE, "trailer"))
+    trailer = inp.exact(fmt.TRAILER_SIZE, "trailer")
+    t_magic, t_total, t_digest = fmt.TRAILER.unpack(trailer)
     total = offset + pages_length + fmt.TRAILER_SIZE
     if t_magic != fmt.TRAILER_MAGIC:
         raise fmt.Malformed("bad trailer magic")
@@ -119,12 +140,46 @@ def _parse(inp: _Input, verify_pages: bool) -> Image:
         raise fmt.Malformed(f"trailer says the image is {t_total} bytes, it is {total}")
     if verify_pages and t_digest != digest:
         raise fmt.Malformed("page data checksum mismatch")
-    if inp.read_upto(1):
-        raise fmt.Malformed(f"data after the trailer (image ends at byte {total})")
+    signatures = _read_signatures(inp, total)
+    if deferred:
+        authenticate(trailer, signatures)
+        decoded = decode()
+    process, threads, files, vmas, fds, _ = decoded
     return Image(header=Header(h.major, h.minor, fmt.MACHINES[h.machine], h.page_size,
                                h.flags),
                  process=process, threads=threads, files=files, vmas=vmas, fds=fds,
-                 pages_offset=offset, pages_length=pages_length)
+                 pages_offset=offset, pages_length=pages_length,
+                 extra={"trailer": trailer, "signatures": signatures})
+
+
+def _read_signatures(inp: _Input, total: int) -> tuple:
+    """The signature blocks after the trailer, up to the end of the stream.
+    Blocks of an unknown version or algorithm are kept (they verify nothing);
+    a known one must have its exact size."""
+    blocks = []
+    at = total
+    while True:
+        head = inp.read_upto(fmt.SIG_HEADER_SIZE)
+        if not head:
+            return tuple(blocks)
+        if len(head) < fmt.SIG_HEADER_SIZE or not head.startswith(fmt.SIG_MAGIC):
+            what = "data" if not blocks else f"data after signature block {len(blocks) - 1}"
+            raise fmt.Malformed(f"{what} after the trailer (image ends at byte {total}) "
+                                "is not a signature block")
+        _, version, algorithm, length = fmt.SIG_HEADER.unpack(head)
+        n = len(blocks)
+        if n == fmt.MAX_SIGNATURES:
+            raise fmt.Malformed(f"more than {fmt.MAX_SIGNATURES} signature blocks")
+        if length > fmt.MAX_SIG_BODY:
+            raise fmt.Malformed(f"signature block {n}: body of {length} bytes exceeds "
+                                f"the limit of {fmt.MAX_SIG_BODY}")
+        body = inp.exact(length, f"signature block {n}")
+        if (version, algorithm) == (fmt.SIG_VERSION, fmt.SIG_ED25519) and \
+                length != fmt.ED25519_BODY:
+            raise fmt.Malformed(f"signature block {n}: ed25519 body of {length} bytes, "
+                                f"expected {fmt.ED25519_BODY}")
+        blocks.append(fmt.SigBlock(version, algorithm, body, at))
+        at += fmt.SIG_HEADER_SIZE + length
 
 
 def decode_records(blob: bytes):

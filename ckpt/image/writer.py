@@ -13,7 +13,7 @@ from .model import Image
 from .reader import decode_records
 
 
-def write_image(out, image: Image, pages) -> int:
+def write_image(out, image: Image, pages, *, sign=None) -> int:
     """Write `image` to binary file object `out`; return the bytes written.
 
     `pages` is an iterable of bytes-like chunks (any chunking) whose
@@ -22,6 +22,9 @@ def write_image(out, image: Image, pages) -> int:
     derived or ignored. A bad image or a wrong amount of page data is a bug in
     the caller: CkptError(INTERNAL). Write errors: CkptError(OUTPUT). After
     any error the stream has no trailer, so no reader will accept it.
+
+    `sign`, if given, is called with the 48 trailer bytes and returns a
+    signature block (ckpt.sign.Signer), written right after the trailer.
     """
     if image.header != fmt.CURRENT_HEADER:
         raise CkptError(Status.INTERNAL, f"cannot write an image with header "
@@ -51,8 +54,11 @@ def write_image(out, image: Image, pages) -> int:
         amount = "more than" if written > pages_length else "only"
         raise CkptError(Status.INTERNAL, f"page data is {amount} {written} bytes; "
                         f"the vmas' runs need {pages_length}")
-    sink.write(fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + pages_length + fmt.TRAILER_SIZE,
-                                hasher.digest()))
+    trailer = fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + pages_length + fmt.TRAILER_SIZE,
+                               hasher.digest())
+    sink.write(trailer)
+    if sign is not None:
+        sink.write(sign(trailer))
     return sink.total
 
 

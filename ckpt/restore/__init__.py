@@ -1,15 +1,19 @@
 """Restore in place: this process becomes the saved one.
 
-validate (read_image) -> check this machine can host it -> credential
-policy -> open and check files as the (possibly switched) caller -> build the
-plan -> launch the stub (point of no return). Everything before launch() fails with one line and a status; this
-module never imports the dumper, click or elftools (restore starts fast).
+admin policy (before the image is opened) -> read the image (checksums;
+signatures checked before any record is decoded) -> validate it -> check
+this machine can host it -> credential policy -> open and check files as
+the (possibly switched) caller -> build the plan -> launch the stub (point
+of no return). Everything before launch() fails with one line and a
+status; this module never imports the dumper, click, elftools or (for an
+unsigned image no policy asks to be signed) cryptography: restore starts
+fast. `ckpt verify` runs the same steps (ckpt.verify) without the last two.
 """
 from __future__ import annotations
 
 import ctypes
-import io
 import os
+import resource
 import stat
 from typing import NoReturn
 
@@ -17,29 +21,24 @@ import blake3
 
 from ..errors import CkptError, Status
 from ..image import Image, read_image
-from .creds import apply_policy
+from ..image import format as fmt
+from ..image.validate import validate_image
+from .creds import apply_policy, differences
 from .files import open_files
+from .policy import (Policy, check_caller, check_image_size, check_restore_creds,
+                     load_policy, signature_rule)
 from .planner import build_plan
 from .stub import launch
 
 
 def restore(path: str, *, as_caller: bool = False,
             restore_creds: bool = False) -> NoReturn:
-    try:
-        image_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise CkptError(Status.USAGE, f"cannot open {path}: {e.strerror}")
-    if not stat.S_ISREG(os.fstat(image_fd).st_mode):
-        raise CkptError(Status.USAGE, f"{path}: restore reads the image from a regular "
-                        "file (page data is pread into place); save the stream to a file first")
-    # One open file for validation and for the stub's preads: what was
-    # checked is what gets restored, even if the path is replaced meanwhile.
-    raw = io.FileIO(os.dup(image_fd), "rb")
-    raw.name = path                 # errors name the file, not "<stream>"
-    with io.BufferedReader(raw) as f:
-        image = read_image(f)
+    policy = load_policy()
+    check_caller(policy)
+    image_fd = open_image(path)
+    image = load_image(image_fd, path, policy)
     check_host(image)
-    apply_policy(image.process.creds, as_caller=as_caller, restore_creds=restore_creds)
+    check_creds(image, policy, as_caller=as_caller, restore_creds=restore_creds)
     files = open_files(image)
     try:
         os.chdir(image.process.cwd)
@@ -50,13 +49,98 @@ def restore(path: str, *, as_caller: bool = False,
     launch(plan, avoid=[(v.start, v.end) for v in image.vmas])
 
 
+def open_image(path: str) -> int:
+    try:
+        image_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CkptError(Status.USAGE, f"cannot open {path}: {e.strerror}")
+    if not stat.S_ISREG(os.fstat(image_fd).st_mode):
+        os.close(image_fd)
+        raise CkptError(Status.USAGE, f"{path}: restore reads the image from a regular "
+                        "file (page data is pread into place); save the stream to a file first")
+    return image_fd
+
+
+def load_image(image_fd: int, name: str, policy: Policy, *,
+               signed_by: list | None = None) -> Image:
+    """Read, authenticate and validate the image open at image_fd.
+
+    One open file for validation and for the stub's preads: what was
+    checked is what gets restored, even if the path is replaced meanwhile.
+    `signed_by`, if given, receives the keys whose signatures verified.
+    """
+    check_image_size(policy, os.fstat(image_fd).st_size, name)
+    if policy.require_signature and _unsigned(image_fd):
+        raise CkptError(Status.SIGNATURE, f"{name}: the image is not signed, and "
+                        + signature_rule(policy))
+
+    def authenticate(trailer: bytes, blocks) -> None:
+        if not blocks and not policy.require_signature:
+            return                      # nothing to check: don't load cryptography
+        from ..sign import check_signatures
+        good = check_signatures(trailer, blocks, name=name, trusted=policy.trusted_keys,
+                                required=policy.require_signature,
+                                why=signature_rule(policy))
+        if signed_by is not None:
+            signed_by.extend(good)
+
+    with os.fdopen(os.dup(image_fd), "rb") as f:
+        image = read_image(f, name=name, authenticate=authenticate)
+    validate_image(image, name=name)
+    return image
+
+
+def _unsigned(image_fd: int) -> bool:
+    """True if the file ends right after the trailer (no signature block);
+    read from the header alone, so a policy that requires signatures turns
+    an unsigned image away before hashing it. False when unsure."""
+    head = os.pread(image_fd, fmt.HEADER_SIZE, 0)
+    if len(head) < fmt.HEADER_SIZE or head[:8] != fmt.MAGIC or \
+            int.from_bytes(head[8:10], "little") != fmt.VERSION_MAJOR:
+        return False
+    h = fmt.HeaderFields._make(fmt.HEADER.unpack(head))
+    return os.fstat(image_fd).st_size == (fmt.pages_offset(h.records_length)
+                                          + h.pages_length + fmt.TRAILER_SIZE)
+
+
+def check_creds(image: Image, policy: Policy, *, as_caller: bool,
+                restore_creds: bool) -> None:
+    if restore_creds and not as_caller and differences(image.process.creds):
+        check_restore_creds(policy)
+    apply_policy(image.process.creds, as_caller=as_caller, restore_creds=restore_creds)
+
+
 def check_host(image: Image) -> None:
     """The saved program may be stopped inside the vdso and holds pointers
-    into it: restore only onto the same vdso (the same kernel build)."""
+    into it: restore only onto the same vdso (the same kernel build). And
+    this machine's limits must let the restorer map and install everything."""
     if image.process.vdso_hash and image.process.vdso_hash != _own_vdso_hash():
         raise CkptError(Status.UNSUPPORTED_STATE,
                         "the image was made on another kernel (its vdso differs "
                         f"from this one's, {os.uname().release})")
+    max_maps = _sysctl("vm/max_map_count")
+    if max_maps and len(image.vmas) + 16 > max_maps:
+        raise CkptError(Status.UNSUPPORTED_STATE,
+                        f"the image has {len(image.vmas)} memory mappings; this machine "
+                        f"allows {max_maps} per process (sysctl vm.max_map_count)")
+    # The launcher holds every file at fds above the image's highest one
+    # until the stub installs them: make sure the open-file limit allows it.
+    need = max([2] + [d.fd for d in image.fds]) + len(image.fds) + len(image.files) + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if 0 <= soft < need:
+        if 0 <= hard < need:
+            raise CkptError(Status.UNSUPPORTED_STATE,
+                            f"the image needs fd numbers up to {need}, above your "
+                            f"open-file limit ({hard}; ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def _sysctl(name: str) -> int:
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
 
 
 def _own_vdso_hash() -> bytes:
