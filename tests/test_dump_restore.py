@@ -209,7 +209,7 @@ def test_dump_to_a_pipe_restores(programs, start, tmp_path):
     ref = start([nsleep, 6, 0], name="reference")
     assert ref.wait() == 3
     ref_lines = ref.stdout().splitlines()
-    target = start([nsleep, 6, 100])
+    target = start([nsleep, 6, 500])   # long enough to be dumped under load
     before = len(wait_lines(target.stdout_path, 2, target=target))
     image = tmp_path / "streamed.ckpt"
     with open(image, "wb") as out:
