@@ -32,7 +32,7 @@ const struct abi_ent plan_abi[] = {
 	K(PLAN_MAGIC), K(PLAN_VERSION), K(PLAN_AUXV_WORDS),
 	K(PV_SHARED), K(PV_ANON), K(PV_GROWSDOWN),
 	K(PA_DONTFORK), K(PA_DONTDUMP), K(PA_WIPEONFORK), K(PA_HUGEPAGE),
-	K(PA_NOHUGEPAGE), K(PA_MERGEABLE),
+	K(PA_NOHUGEPAGE), K(PA_MERGEABLE), K(PT_NEW_TIDS),
 
 	S(plan_vma),
 	F(plan_vma, start), F(plan_vma, end), F(plan_vma, offset),
@@ -71,7 +71,20 @@ const struct abi_ent plan_abi[] = {
 	F(plan_thread, altstack_sp), F(plan_thread, altstack_size),
 	F(plan_thread, altstack_flags), F(plan_thread, pad),
 	F(plan_thread, frame_addr), F(plan_thread, frame_off),
-	F(plan_thread, frame_len),
+	F(plan_thread, frame_len), A(plan_thread, comm),
+	F(plan_thread, sched_policy), F(plan_thread, sched_priority),
+	F(plan_thread, nice), F(plan_thread, set_nice),
+
+	S(plan_timer),
+	F(plan_timer, id), F(plan_timer, clock), F(plan_timer, notify),
+	F(plan_timer, signo), F(plan_timer, thread), F(plan_timer, pad),
+	F(plan_timer, value), F(plan_timer, interval_sec),
+	F(plan_timer, interval_nsec), F(plan_timer, value_sec),
+	F(plan_timer, value_nsec),
+
+	S(plan_itimer),
+	F(plan_itimer, interval_sec), F(plan_itimer, interval_usec),
+	F(plan_itimer, value_sec), F(plan_itimer, value_usec),
 
 	S(plan_header),
 	F(plan_header, magic), F(plan_header, version),
@@ -92,6 +105,12 @@ const struct abi_ent plan_abi[] = {
 	F(plan_header, personality), F(plan_header, umask),
 	F(plan_header, pad), A(plan_header, comm),
 	F(plan_header, gadget_syscall_ret), F(plan_header, gadget_sigreturn),
+	F(plan_header, thread_area), F(plan_header, thread_block),
+	F(plan_header, thread_flags), F(plan_header, pad2),
+	A(plan_header, itimers), F(plan_header, nr_itimers),
+	F(plan_header, nr_timers), F(plan_header, timers_off),
+	F(plan_header, pdeathsig), F(plan_header, dumpable),
+	F(plan_header, no_new_privs), F(plan_header, child_subreaper),
 	F(plan_header, stop_after_step), F(plan_header, stop_status),
 };
 

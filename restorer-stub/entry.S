@@ -54,6 +54,57 @@ handover_sigreturn:
 	.size handover_sigreturn, . - handover_sigreturn
 
 /*
+ * stub_clone3(args, size, fn, arg): clone3(args, size); the parent gets
+ * the result (new tid or -errno); the child, on the stack args gave it,
+ * calls fn(arg), which never returns. r8/r9 survive the syscall in both
+ * (the child starts with the parent's registers but rax = 0, rsp = the
+ * new stack's top).
+ */
+	.globl stub_clone3
+	.hidden stub_clone3
+	.type stub_clone3, @function
+stub_clone3:
+	mov	%rdx, %r9
+	mov	%rcx, %r8
+	mov	$435, %eax		/* __NR_clone3 */
+	syscall
+	test	%rax, %rax
+	jnz	1f
+	xor	%ebp, %ebp
+	and	$-16, %rsp
+	mov	%r8, %rdi
+	call	*%r9			/* noreturn */
+	ud2
+1:	ret
+	.size stub_clone3, . - stub_clone3
+
+/*
+ * handover_thread_gadget(frame_addr, gadget_syscall_ret, counter, op):
+ * how a thread other than the first leaves the stub when the stub is to
+ * be unmapped. rsp = frame_addr, then the target's "syscall; ret" runs
+ * futex(counter, FUTEX_WAKE_OP | PRIVATE, 1, 1, counter, op): the kernel
+ * adds 1 to *counter and wakes the first thread waiting on it. The
+ * thread is executing the target's code when that happens, so once the
+ * counter says every thread has left, the stub may go. ret pops the
+ * pretcode slot (the target's rt_sigreturn) as in handover_gadget.
+ */
+	.globl handover_thread_gadget
+	.hidden handover_thread_gadget
+	.type handover_thread_gadget, @function
+handover_thread_gadget:
+	mov	%rsi, %r11
+	mov	%rdi, %rsp
+	mov	%rdx, %rdi
+	mov	%rdx, %r8
+	mov	%ecx, %r9d
+	mov	$133, %esi		/* FUTEX_WAKE_OP | FUTEX_PRIVATE_FLAG */
+	mov	$1, %edx
+	mov	$1, %r10d
+	mov	$202, %eax		/* __NR_futex */
+	jmp	*%r11
+	.size handover_thread_gadget, . - handover_thread_gadget
+
+/*
  * The sa_restorer of the stub's own fault handlers. The kernel requires
  * SA_RESTORER on x86_64; the handlers never return, so it never runs.
  */

@@ -101,9 +101,36 @@ struct plan_thread {
 	   restored; rt_sigreturn then finds it at rsp - 8 with
 	   rsp = frame_addr + 8. */
 	u64 frame_addr, frame_off, frame_len;
+	char comm[16];                   /* PR_SET_NAME; "" = keep */
+	s32 sched_policy;                /* -1: keep; else sched_setscheduler */
+	s32 sched_priority;
+	s32 nice;
+	u32 set_nice;                    /* 1: setpriority(nice) */
 };
 
-#define PLAN_AUXV_WORDS 128       /* >= 2 * AT_VECTOR_SIZE on x86_64 */
+/* A timer_create timer, created with its saved id
+   (PR_TIMER_CREATE_RESTORE_IDS, else in order with dummies filling gaps)
+   and armed relative to now. */
+struct plan_timer {
+	s32 id;
+	s32 clock;
+	u32 notify;                      /* SIGEV_SIGNAL 0, NONE 1, THREAD_ID 4 */
+	u32 signo;
+	u32 thread;                      /* THREAD_ID: thread index + 1 */
+	u32 pad;
+	u64 value;                       /* sigev_value */
+	u64 interval_sec, interval_nsec, value_sec, value_nsec;
+};
+
+/* setitimer(which, ...): { interval {sec, usec}, value {sec, usec} } */
+struct plan_itimer {
+	u64 interval_sec, interval_usec, value_sec, value_usec;
+};
+
+#define PLAN_AUXV_WORDS 128
+
+/* plan_header.thread_flags */
+#define PT_NEW_TIDS   0x1       /* >= 2 * AT_VECTOR_SIZE on x86_64 */
 
 struct plan_header {
 	u64 magic;
@@ -151,6 +178,24 @@ struct plan_header {
 	   checked by the stub against the bytes actually mapped; 0 or a
 	   mismatch means: sigreturn directly, leaving the stub mapped. */
 	u64 gadget_syscall_ret, gadget_sigreturn;
+
+	/* Threads other than the first: thread i (1..nr_threads-1) gets the
+	   block [thread_area + (i-1) * thread_block, + thread_block) inside
+	   the stub region: a struct thread_rt at its start, its stub stack
+	   above. PT_NEW_TIDS: don't ask clone3 for the saved ids. */
+	u64 thread_area, thread_block;
+	u32 thread_flags;
+	u32 pad2;
+
+	/* Process timers and prctl state (step 8 / step 10). */
+	struct plan_itimer itimers[3];   /* REAL, VIRTUAL, PROF */
+	u32 nr_itimers;                  /* 0: keep, 3: set all three */
+	u32 nr_timers;
+	u64 timers_off;
+	s32 pdeathsig;                   /* -1: keep */
+	s32 dumpable;                    /* -1: keep */
+	u32 no_new_privs;                /* 1: set (it can't be cleared) */
+	u32 child_subreaper;
 
 	/* Test hook: when stop_after_step == N != 0 the stub calls
 	   exit_group(stop_status) right after step N (numbered as in

@@ -37,6 +37,14 @@ typedef unsigned long ulong;
 #define __NR_rt_tgsigqueueinfo  297
 #define __NR_rseq               334
 #define __NR_close_range        436
+#define __NR_futex              202
+#define __NR_setpriority        141
+#define __NR_sched_setscheduler 144
+#define __NR_clone3             435
+#define __NR_setitimer           38
+#define __NR_timer_create       222
+#define __NR_timer_settime      223
+#define __NR_timer_delete       226
 
 #define PROT_READ       0x1
 #define PROT_WRITE      0x2
@@ -63,7 +71,13 @@ typedef unsigned long ulong;
 #define SA_RESTORER     0x04000000
 #define SS_DISABLE      2
 
+#define PR_SET_PDEATHSIG 1
+#define PR_SET_DUMPABLE  4
 #define PR_SET_NAME     15
+#define PR_SET_CHILD_SUBREAPER 36
+#define PR_SET_NO_NEW_PRIVS 38
+#define PR_TIMER_CREATE_RESTORE_IDS 77
+#define SIGEV_THREAD_ID 4
 #define PR_SET_MM       35
 #define PR_SET_MM_MAP   14
 #define ARCH_SET_GS     0x1001
@@ -71,7 +85,23 @@ typedef unsigned long ulong;
 #define RSEQ_FLAG_UNREGISTER 1
 #define O_CLOEXEC       02000000
 
+#define EPERM   1
+#define EEXIST 17
 #define EINVAL 22
+#define ENOSPC 28
+
+#define FUTEX_WAIT      0
+#define FUTEX_WAKE      1
+#define FUTEX_WAKE_OP   5
+#define FUTEX_PRIVATE   128
+#define FUTEX_TID_MASK  0x3fffffffU
+
+#define CLONE_VM        0x00000100
+#define CLONE_FS        0x00000200
+#define CLONE_FILES     0x00000400
+#define CLONE_SIGHAND   0x00000800
+#define CLONE_THREAD    0x00010000
+#define CLONE_SYSVSEM   0x00040000
 
 static inline long sys0(long n)
 {

@@ -189,8 +189,6 @@ def test_pause_with_signal_handler(programs, start, tmp_path):
     assert all(n == 2 for n in counts), f"the count must go on from 1: {lines}"
 
 
-@pytest.mark.xfail(strict=True, reason="itimers (alarm/setitimer) are not dumped yet: "
-                   "the restored process waits in pause() for a SIGALRM that never comes")
 def test_pause_woken_by_itimer(programs, start, tmp_path):
     target = start([programs("pausesig"), "alarm"])
     wait_lines(target.stdout_path, 2, target=target)     # the first alarm came

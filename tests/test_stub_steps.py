@@ -89,7 +89,7 @@ MM = (CODE, CODE + 0x1000, DATA, DATA + 0x1000, DATA + 0x1000, DATA + 0x1000,
       STACK_END - 0x800, STACK_END - 0x800)
 
 def go(code=b"", data=None, *, image=None, xstate=b"", sigmask=0, reg=None,
-       extra_vmas=(), thread=None, **plan_kw):
+       extra_vmas=(), thread=None, more_threads=(), **plan_kw):
     image = image or Image()
     vmas = [PlanVma(CODE, CODE + 0x1000, 0, -1, PROT_READ | PROT_EXEC, PV_ANON, 0,
                     (image.run(CODE, code),) if code else ())]
@@ -106,10 +106,15 @@ def go(code=b"", data=None, *, image=None, xstate=b"", sigmask=0, reg=None,
                altstack_size=0, altstack_flags=SS_DISABLE)
     tkw.update(thread or {})
     th = PlanThread(frame_addr=fa, frame=frame, **tkw)
+    others = []
+    for n, r in enumerate(more_threads):          # registers of threads 2, 3, ...
+        ofa, oframe = build_sigframe(r, b"", 0)
+        okw = dict(tkw, tid=os.getpid() + 1000 + n)
+        others.append(PlanThread(frame_addr=ofa, frame=oframe, **okw))
     kw = dict(mm=MM, auxv=(6, 4096, 0, 0), sigactions={}, rlimits=(), siginfo=(),
               fds=(), image_fd=image.fd, fd_base=FD_BASE)
     kw.update(plan_kw)
-    plan = Plan(vmas=vmas, threads=(th,), **kw)
+    plan = Plan(vmas=vmas, threads=(th, *others), **kw)
     avoid = [(v.start, v.end) for v in vmas]
     if plan.vdso_dst:
         avoid.append((plan.vdso_dst, plan.vdso_dst + plan.vdso_len))
@@ -388,6 +393,24 @@ go(code, image=image, extra_vmas=(tvma,), thread=thread)
 """
     r = run_child(body)
     assert r.returncode == 48, _line(r)
+
+
+@pytest.mark.parametrize("gadgets", [True, False])
+def test_handover_several_threads(gadgets):
+    # Thread 1 pause()s forever; thread 2 (created by the stub with
+    # clone3, resumed from its own frame on its own stack) calls
+    # exit_group(rdi + rbx) with rdi 40, rbx 3 from that frame. With the
+    # gadgets thread 2 leaves through the target's "syscall; ret" and
+    # thread 1 unmaps the stub; without them both sigreturn from the stub.
+    g = ("gadget_syscall_ret=CODE + 0x100, gadget_sigreturn=CODE + 0x110"
+         if gadgets else "gadget_syscall_ret=0, gadget_sigreturn=0")
+    body = (_GADGETS.replace("code = cat(DATA) + exit_imm(0)\n",
+                             "code = b'\\xb8\\x22\\0\\0\\0\\x0f\\x05\\xeb\\xf7'"
+                             " + b'\\x01\\xdf\\xb8\\xe7\\0\\0\\0\\x0f\\x05'\n")
+            + "t2 = regs(rip=CODE + 9, rsp=STACK + 0x8000, rdi=40, rbx=3)\n"
+            + f"go(code, more_threads=(t2,), {g})\n")
+    r = run_child(body)
+    assert r.returncode == 43, _line(r)
 
 
 # -- failures after the point of no return ------------------------------------

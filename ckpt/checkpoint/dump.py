@@ -5,6 +5,18 @@ interrupt (no SIGSTOP is ever seen); read registers and /proc; inject the
 few syscalls that read state only visible from inside; write the image to a
 temp file and rename it; detach. Whatever fails, the target is detached and
 keeps running, and no file that looks like an image is left behind.
+
+Every thread is saved (registers, FPU state, masks, pending signals,
+altstack, tid address, robust list, rseq, name, scheduling), and the
+process-wide state a program relies on (signal actions, itimers,
+timer_create timers, pdeathsig, dumpable, no_new_privs, child subreaper).
+Not saved, on purpose: the session, process group and controlling
+terminal. A restore is an exec: the restored process is the caller's
+process and stays in the caller's session and process group, with the
+caller's terminal (if any) on fds 0-2, like any program the caller starts.
+Refused: child processes, seccomp filters, SCHED_DEADLINE threads, timers
+on another task's CPU clock, and the fd and mapping kinds files.py and
+memory.py name.
 """
 from __future__ import annotations
 
@@ -20,13 +32,15 @@ import blake3
 from ..errors import CkptError, Status
 from ..image import write_image
 from ..image.model import (Creds, GeneralRegs, Header, Image, MMFields,
-                           Process, Rlimit, SigAction, Thread)
+                           PosixTimer, Process, Rlimit, SigAction, Thread)
 from . import memory, procfs
 from .files import FileTable, fd_table, mapped_file
 from .tracee import TaskGone, Tracee, restarted_regs
 
 SYS_BRK, SYS_RT_SIGACTION, SYS_SIGALTSTACK, SYS_PRCTL = 12, 13, 131, 157
 SYS_GET_ROBUST_LIST = 274
+SYS_GETITIMER, SYS_TIMER_GETTIME = 36, 224
+PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER = 2, 3, 37
 PR_GET_TID_ADDRESS = 40
 RED_ZONE = 128
 
@@ -41,21 +55,21 @@ class DumpStats:
 
 
 def dump(pid: int, output: str, *, kill: bool = False,
-         progress: bool | None = None) -> DumpStats:
+         progress: bool | None = None, sign=None) -> DumpStats:
     t0 = time.monotonic()
     _refuse_early(pid)
-    tracee = Tracee(pid)
-    tracee.seize()
+    threads = _Threads(pid)
+    threads.seize_main()
     out = None
     try:
-        tracee.interrupt()
+        threads.seize_all()
         _refuse_early(pid)          # again, now that it cannot change
-        image = collect(pid, tracee)
+        image = collect(pid, threads)
         out = Output(output)
         show = _Progress(pid, sum(v.pages_saved for v in image.vmas) * memory.PAGE,
                          progress)
         pages = memory.read_pages(pid, list(image.vmas), show.update)
-        written = write_image(out.file, image, pages)
+        written = write_image(out.file, image, pages, sign=sign)
         show.done()
         out.commit()
         if kill:        # while still frozen: it never runs past the snapshot
@@ -72,9 +86,73 @@ def dump(pid: int, output: str, *, kill: bool = False,
         if out is not None:
             out.discard()
         frozen = time.monotonic() - t0
-        tracee.detach()
+        threads.release()
     return DumpStats(pid, written, sum(v.pages_saved for v in image.vmas),
                      time.monotonic() - t0, frozen)
+
+
+class _Threads:
+    """Every thread of the target, seized and stopped (PTRACE_EVENT_STOP).
+
+    /proc/PID/task is scanned again after each round of seizing until no
+    new thread shows up: a thread not yet stopped may create others, but
+    once every listed thread is stopped none can. While the dump injects
+    syscalls every thread blocks all signals (PTRACE_SETSIGMASK), so a
+    signal arriving meanwhile stays pending instead of being delivered
+    (and lost) during a single-step; the saved masks are put back before
+    detaching."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.tracees: dict[int, Tracee] = {}
+        self.masks: dict[int, int] = {}
+
+    def seize_main(self) -> None:
+        t = Tracee(self.pid)
+        t.seize()
+        self.tracees[self.pid] = t
+
+    def seize_all(self) -> None:
+        self._stop(self.tracees[self.pid], main=True)
+        while True:
+            try:
+                tids = {int(x) for x in os.listdir(procfs.path(self.pid, "task"))}
+            except FileNotFoundError:
+                raise TaskGone(self.pid) from None
+            new = sorted(tids - self.tracees.keys())
+            if not new:
+                break
+            for tid in new:
+                t = Tracee(tid)
+                if not t.seize(thread=True):
+                    continue                # exited before we got to it
+                self.tracees[tid] = t
+                self._stop(t, main=False)
+        for tid, t in self.tracees.items():
+            self.masks[tid] = t.sigmask()
+            t.setsigmask(~0 & (2**64 - 1))
+
+    def _stop(self, t: Tracee, *, main: bool) -> None:
+        try:
+            t.interrupt()
+        except TaskGone:
+            if main:
+                raise
+            del self.tracees[t.tid]         # a thread that exited meanwhile
+
+    def ordered(self) -> list[Tracee]:
+        """The main thread first, then the others by id."""
+        return [self.tracees[self.pid]] + [self.tracees[t] for t in sorted(self.tracees)
+                                           if t != self.pid]
+
+    def release(self) -> None:
+        for tid, t in self.tracees.items():
+            if tid in self.masks and t.attached:
+                try:
+                    t.setsigmask(self.masks[tid])
+                except (TaskGone, OSError):
+                    pass
+            t.detach()
 
 
 def _refuse_early(pid: int) -> None:
@@ -88,14 +166,20 @@ def _refuse_early(pid: int) -> None:
         state = procfs.status(pid).get("State", "")
     except FileNotFoundError:
         raise CkptError(Status.NO_PROCESS, f"no such process: {pid}")
+    if state.startswith(("Z", "X")) and len(tasks) > 1:
+        raise CkptError(Status.UNSUPPORTED_TARGET,
+                        f"the main thread of process {pid} has exited (its other "
+                        f"{len(tasks) - 1} thread(s) run on): a process without its "
+                        "main thread cannot be restored")
     if state.startswith(("Z", "X")):
         # ptrace refuses a zombie with EPERM: say what it is, not "denied".
         raise CkptError(Status.NO_PROCESS, f"process {pid} has exited (a zombie "
                         "its parent has not reaped yet): nothing to dump")
-    if len(tasks) > 1:
+    if procfs.status(pid).get("Seccomp", "0") != "0":
         raise CkptError(Status.UNSUPPORTED_TARGET,
-                        f"process {pid} has {len(tasks)} threads: multi-threaded "
-                        "processes are not supported yet")
+                        f"process {pid} runs under a seccomp filter or strict mode "
+                        "(/proc/PID/status Seccomp != 0): saving and restoring seccomp "
+                        "filters is not supported")
     kids = procfs.children(pid)
     if kids:
         raise CkptError(Status.UNSUPPORTED_TARGET,
@@ -103,7 +187,7 @@ def _refuse_early(pid: int) -> None:
                         " process trees are not supported")
 
 
-def collect(pid: int, tracee: Tracee) -> Image:
+def collect(pid: int, threads: _Threads) -> Image:
     """Everything but the page data, as image records."""
     status = procfs.status(pid)
     mappings = memory.classify(procfs.smaps(pid))
@@ -112,7 +196,9 @@ def collect(pid: int, tracee: Tracee) -> Image:
     insn = vdso.find(b"\x0f\x05")
     if insn < 0:
         raise CkptError(Status.UNSUPPORTED_TARGET, "no syscall instruction in the vdso")
-    inside = _Inside(pid, tracee, vdso_start + insn)
+    tracees = threads.ordered()
+    main = tracees[0]
+    inside = _Inside(pid, main, vdso_start + insn)
 
     table = FileTable()
     runs = memory.page_runs(pid, mappings)
@@ -139,19 +225,27 @@ def collect(pid: int, tracee: Tracee) -> Image:
         rlimits=tuple(Rlimit(*r) for r in procfs.rlimits(pid)),
         mm=MMFields(**mm), auxv=tuple(procfs.auxv(pid)),
         sigactions=inside.sigactions(int(status["SigCgt"], 16) | int(status["SigIgn"], 16)),
-        shared_pending=tuple(tracee.pending(shared=True)),
+        shared_pending=tuple(main.pending(shared=True)),
         vdso_hash=blake3.blake3(vdso).digest(),
+        itimers=inside.itimers(), timers=inside.timers(procfs.timers(pid)),
+        pdeathsig=inside.prctl_int(PR_GET_PDEATHSIG),
+        dumpable=inside.syscall(SYS_PRCTL, PR_GET_DUMPABLE),
+        no_new_privs=status.get("NoNewPrivs", "0") != "0",
+        child_subreaper=bool(inside.prctl_int(PR_GET_CHILD_SUBREAPER)),
     )
-    thread = Thread(
-        tid=pid, comm=process.comm,
-        regs=GeneralRegs(**restarted_regs(inside.saved_regs)),
-        xstate=tracee.xstate(), sigmask=tracee.sigmask(),
-        pending=tuple(tracee.pending(shared=False)),
-        altstack=inside.altstack(), tid_address=inside.tid_address(),
-        robust_list=_robust_list(pid), rseq=tracee.rseq(),
-    )
+    records = []
+    for t in tracees:
+        ins = inside if t is main else _Inside(pid, t, vdso_start + insn)
+        records.append(Thread(
+            tid=t.tid, comm=procfs.read_text(pid, "task", str(t.tid), "comm").rstrip("\n"),
+            regs=GeneralRegs(**restarted_regs(ins.saved_regs)),
+            xstate=t.xstate(), sigmask=threads.masks[t.tid],
+            pending=tuple(t.pending(shared=False)),
+            altstack=ins.altstack(), tid_address=ins.tid_address(),
+            robust_list=_robust_list(t.tid), rseq=t.rseq(), **_sched(t.tid),
+        ))
     return Image(header=Header(1, 0, "x86_64", memory.PAGE), process=process,
-                 threads=(thread,), files=tuple(table.files), vmas=vmas, fds=fds)
+                 threads=tuple(records), files=tuple(table.files), vmas=vmas, fds=fds)
 
 
 class _Inside:
@@ -196,9 +290,48 @@ class _Inside:
             "<QI4xQ", self._read_result(SYS_SIGALTSTACK, 24, 0, self.scratch))
         return sp, flags, size
 
+    def itimers(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for which in range(3):
+            i_s, i_us, v_s, v_us = struct.unpack(
+                "<4q", self._read_result(SYS_GETITIMER, 32, which, self.scratch))
+            out.append((i_s * 10**6 + i_us, v_s * 10**6 + v_us))
+        return tuple(out)
+
+    def timers(self, listed: list[dict]) -> tuple[PosixTimer, ...]:
+        out = []
+        for t in sorted(listed, key=lambda t: t["id"]):
+            i_s, i_ns, v_s, v_ns = struct.unpack(
+                "<4q", self._read_result(SYS_TIMER_GETTIME, 32, t["id"], self.scratch))
+            if t["clock"] < 0 and t["clock"] >> 3 != -1:     # CPU clock of pid != 0
+                raise CkptError(Status.UNSUPPORTED_TARGET,
+                                f"process {self.pid} has timer {t['id']} on the CPU clock "
+                                "of a given process or thread: not supported")
+            out.append(PosixTimer(
+                id=t["id"], clock=t["clock"], notify=t["notify"],
+                signo=t["signo"] if t["notify"] != "none" else 0,
+                value=t["value"], tid=t["tid"] if t["notify"] == "thread" else 0,
+                interval_ns=i_s * 10**9 + i_ns, value_ns=v_s * 10**9 + v_ns))
+        return tuple(out)
+
+    def prctl_int(self, option: int) -> int:
+        return struct.unpack("<i", self._read_result(SYS_PRCTL, 4, option, self.scratch))[0]
+
     def tid_address(self) -> int:
         return struct.unpack("<Q", self._read_result(
             SYS_PRCTL, 8, PR_GET_TID_ADDRESS, self.scratch))[0]
+
+
+SCHED_DEADLINE = 6
+
+
+def _sched(tid: int) -> dict[str, int]:
+    policy = os.sched_getscheduler(tid)
+    if policy & 0xFF == SCHED_DEADLINE:
+        raise CkptError(Status.UNSUPPORTED_TARGET,
+                        f"thread {tid} runs under SCHED_DEADLINE: not supported")
+    return dict(sched_policy=policy, sched_priority=os.sched_getparam(tid).sched_priority,
+                nice=os.getpriority(os.PRIO_PROCESS, tid))
 
 
 def _robust_list(tid: int) -> tuple[int, int]:

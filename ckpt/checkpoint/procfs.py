@@ -135,3 +135,31 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             pass
     return kids
+
+
+def timers(pid: int) -> list[dict]:
+    """/proc/PID/timers: [{id, signo, value, notify, tid, clock}].
+
+    notify is "signal" (SIGEV_SIGNAL), "thread" (SIGEV_THREAD_ID; tid is
+    the thread) or "none" (SIGEV_NONE); the kernel shows SIGEV_THREAD_ID as
+    "signal/tid.N"."""
+    out: list[dict] = []
+    cur: dict = {}
+    for line in read_text(pid, "timers").splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "ID":
+            cur = {"id": int(value)}
+            out.append(cur)
+        elif key == "signal":
+            signo, _, sval = value.partition("/")
+            cur["signo"], cur["value"] = int(signo), int(sval or "0", 16)
+        elif key == "notify":
+            mode, _, who = value.partition("/")
+            kind, _, num = who.partition(".")
+            cur["notify"] = ("thread" if kind == "tid" and mode == "signal" else
+                             "none" if mode == "none" else "signal")
+            cur["tid"] = int(num) if num.lstrip("-").isdigit() else 0
+        elif key == "ClockID":
+            cur["clock"] = int(value)
+    return out

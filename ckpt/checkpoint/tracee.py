@@ -23,6 +23,7 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
@@ -70,10 +71,14 @@ class Tracee:
         self.attached = False
 
     # -- attach / stop / detach -------------------------------------------
-    def seize(self) -> None:
+    def seize(self, *, thread: bool = False) -> bool:
+        """Attach. For another thread of an attached process (thread=True)
+        a thread that has just exited gives False instead of an error."""
         try:
             pt.ptrace(PTRACE_SEIZE, self.tid, 0, 0)
         except PtraceError as e:
+            if thread and e.errno in (errno.ESRCH, errno.EPERM) and _is_zombie(self.tid):
+                return False
             if e.errno == errno.ESRCH:
                 raise CkptError(Status.NO_PROCESS, f"no such process: {self.tid}")
             if e.errno == errno.EPERM:
@@ -83,6 +88,7 @@ class Tracee:
                 raise CkptError(Status.PTRACE_DENIED, _denied_message(self.tid))
             raise
         self.attached = True
+        return True
 
     def interrupt(self) -> None:
         """Stop the task without it ever seeing a SIGSTOP.
@@ -137,6 +143,12 @@ class Tracee:
         mask = ctypes.c_uint64()
         _call(PTRACE_GETSIGMASK, self.tid, 8, ctypes.addressof(mask))
         return mask.value
+
+    def setsigmask(self, mask: int) -> None:
+        """Set the blocked mask (also clears a pending restore of a mask
+        saved by sigsuspend/ppoll: the real mask is what GETSIGMASK gave)."""
+        value = ctypes.c_uint64(mask)
+        _call(PTRACE_SETSIGMASK, self.tid, 8, ctypes.addressof(value))
 
     def pending(self, shared: bool) -> list[bytes]:
         """Queued siginfo_t (128 bytes each), private or process-wide."""

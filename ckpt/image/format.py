@@ -14,8 +14,9 @@ from collections import namedtuple
 import blake3
 
 from .model import (ADVICE, FD_FLAGS, FILE_KINDS, GENERAL_REGS, SPECIAL_NAMES,
-                    VMA_KINDS, Creds, Fd, File, GeneralRegs, Header, MMFields,
-                    PageRun, Process, Rlimit, SigAction, Thread, Vma)
+                    TIMER_NOTIFY, VMA_KINDS, Creds, Fd, File, GeneralRegs, Header,
+                    MMFields, PageRun, PosixTimer, Process, Rlimit, SigAction,
+                    Thread, Vma)
 
 # --- header and trailer -------------------------------------------------------
 
@@ -118,6 +119,7 @@ MAX_XSTATE = 64 << 10
 MIN_XSTATE = 576              # legacy FXSAVE area + XSAVE header
 SIGINFO_SIZE = 128
 MAX_PENDING = 65536           # queued siginfos per thread or process
+MAX_TIMERS = 65536            # timer_create timers
 MAX_ID = 64                   # build-id, vdso hash: bytes
 PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
 U32_MAX = 2**32 - 1
@@ -304,6 +306,32 @@ class Arr:
             (lambda x: [item.dump(e) for e in x])
 
 
+class Runs:
+    """A VMA's page runs, [[addr, count], ...]: the one array that can hold
+    a million items, so it has its own tight loop (the generic Arr of Tup
+    costs ~3 us per run); on any defect the generic loader says where."""
+    def __init__(self, hi):
+        slow = Arr(Tup(U64, Int(1, U64_MAX // PAGE_SIZE), cls=PageRun), hi)
+        max_count = U64_MAX // PAGE_SIZE
+
+        def load(v):
+            if type(v) is tuple and len(v) <= hi:
+                out = []
+                add = out.append
+                for e in v:
+                    if type(e) is tuple and len(e) == 2:
+                        a, c = e
+                        if type(a) is int and type(c) is int and 0 <= a <= U64_MAX \
+                                and 1 <= c <= max_count:
+                            add(PageRun(a, c))
+                            continue
+                    break
+                else:
+                    return tuple(out)
+            return slow.load(v)         # raises Malformed with the item's place
+        self.load, self.dump = load, slow.dump
+
+
 class Struct:
     """A map of named fields, built into dataclass `cls`. Every field is
     required; unknown names starting with "x-" are skipped; `check(obj)`
@@ -421,6 +449,10 @@ SIGACTION = Struct(SigAction, dict(
     signo=Int(1, 64, exclude=(9, 19)),      # SIGKILL, SIGSTOP have no action
     handler=U64, flags=U64, restorer=U64, mask=U64))
 
+TIMER = Struct(PosixTimer, dict(
+    id=Int(0, 2**31 - 1), clock=Int(-2**31, 2**31 - 1), notify=Enum(TIMER_NOTIFY),
+    signo=Int(0, 64), value=U64, tid=Int(0, PID_MAX), interval_ns=U64, value_ns=U64))
+
 PROCESS = Struct(Process, dict(
     pid=Int(1, PID_MAX), comm=Str(MAX_COMM), exe=PATH,
     cmdline=Arr(Str(MAX_ARG), MAX_ARRAY), cwd=PATH, umask=Int(0, 0o777),
@@ -429,7 +461,10 @@ PROCESS = Struct(Process, dict(
     mm=Struct(MMFields, _named(MMFields, U64), check=_check_mm),
     auxv=Arr(Tup(Int(1, U64_MAX), U64), MAX_AUXV),
     sigactions=Arr(SIGACTION, 64, key=lambda s: s.signo),
-    shared_pending=SIGINFOS, vdso_hash=ID_HASH),
+    shared_pending=SIGINFOS, vdso_hash=ID_HASH,
+    itimers=Arr(Tup(U64, U64), 3), timers=Arr(TIMER, MAX_TIMERS, key=lambda t: t.id),
+    pdeathsig=Int(0, 64), dumpable=Int(0, 2), no_new_privs=Bool(),
+    child_subreaper=Bool()),
     check=_check_process, tag="process")
 
 THREAD = Struct(Thread, dict(
@@ -438,7 +473,9 @@ THREAD = Struct(Thread, dict(
     xstate=Bin(MIN_XSTATE, MAX_XSTATE), sigmask=U64, pending=SIGINFOS,
     altstack=Tup(U64, U32, U64),            # ss_sp, ss_flags, ss_size
     tid_address=U64, robust_list=Tup(U64, U64),
-    rseq=Opt(Tup(U64, U32, U32))), tag="thread")
+    rseq=Opt(Tup(U64, U32, U32)),
+    sched_policy=Int(0, 2**31 - 1), sched_priority=Int(0, 99), nice=Int(-20, 19)),
+    tag="thread")
 
 FILE = Struct(File, dict(
     id=U32, path=Str(MAX_PATH, lo=1), kind=Enum(FILE_KINDS), dev=U64, ino=U64,
@@ -449,7 +486,7 @@ VMA = Struct(Vma, dict(
     start=U64, end=U64, prot=Enum(PROTS), shared=Bool(), kind=Enum(VMA_KINDS),
     name=PATH, file=Opt(U32), offset=U64, growsdown=Bool(),
     advice=Arr(Enum(ADVICE), len(ADVICE), key=str),
-    runs=Arr(Tup(U64, Int(1, U64_MAX // PAGE_SIZE), cls=PageRun), MAX_ARRAY)),
+    runs=Runs(MAX_ARRAY)),
     check=_check_vma, tag="vma")
 
 FD = Struct(Fd, dict(

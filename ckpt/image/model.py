@@ -23,6 +23,7 @@ FD_FLAGS = ("append", "nonblock", "sync", "dsync", "direct", "noatime",
             "largefile", "directory", "nofollow", "path", "cloexec")
 
 FILE_KINDS = ("reg", "dir", "chr")
+TIMER_NOTIFY = ("signal", "none", "thread")   # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID
 VMA_KINDS = ("anon", "file", "special")
 SPECIAL_NAMES = ("[vdso]", "[vvar]", "[vvar_vclock]")
 ADVICE = ("dontfork", "dontdump", "wipeonfork", "hugepage", "nohugepage",
@@ -98,6 +99,14 @@ class Process:
     sigactions: tuple[SigAction, ...]     # only those that are not default
     shared_pending: tuple[bytes, ...] = ()   # siginfo_t (128 bytes) each
     vdso_hash: bytes = b""      # blake3 of the [vdso] pages: same kernel?
+    # (interval_us, value_us) of ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
+    # (value: time left); () = not recorded.
+    itimers: tuple[tuple[int, int], ...] = ()
+    timers: tuple[PosixTimer, ...] = ()   # timer_create timers, by id
+    pdeathsig: int = 0          # PR_SET_PDEATHSIG signal, 0 = none
+    dumpable: int = 1           # PR_GET_DUMPABLE: 0, 1 or 2 (suid-safe)
+    no_new_privs: bool = False
+    child_subreaper: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,9 @@ class Thread:
     tid_address: int            # clear_child_tid
     robust_list: tuple[int, int]        # head, len
     rseq: tuple[int, int, int] | None   # addr, len, signature
+    sched_policy: int = 0       # sched_getscheduler (SCHED_*, | SCHED_RESET_ON_FORK)
+    sched_priority: int = 0     # sched_param.sched_priority (real-time policies)
+    nice: int = 0               # getpriority(PRIO_PROCESS, tid)
 
 
 @dataclass(frozen=True)
@@ -197,3 +209,16 @@ class Image:
             if f.id == file_id:
                 return f
         raise KeyError(file_id)
+
+
+@dataclass(frozen=True)
+class PosixTimer:
+    """A timer_create(2) timer of the process."""
+    id: int                     # the timer id the program holds
+    clock: int                  # clockid_t
+    notify: str                 # TIMER_NOTIFY
+    signo: int                  # 0 for "none"
+    value: int                  # sigev_value (u64)
+    tid: int                    # "thread": the thread it signals; else 0
+    interval_ns: int
+    value_ns: int               # time left until it fires; 0 = disarmed

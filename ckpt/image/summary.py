@@ -25,6 +25,8 @@ def summarize(image: Image) -> str:
            f"page size {page}, flags {h.flags:#x}",
            f"  page data: {saved} pages ({_size(saved * page)}) at offset "
            f"{image.pages_offset}",
+           "  signed by " + (", ".join(_signer(b) for b in image.extra.get("signatures", ()))
+                             or "- (not signed)") + "  (not verified: see ckpt verify)",
            "",
            "process",
            f"  pid {p.pid}  comm {_text(p.comm)}",
@@ -42,12 +44,23 @@ def summarize(image: Image) -> str:
            f"  brk       {p.mm.start_brk:#x}-{p.mm.brk:#x}  stack {p.mm.start_stack:#x}",
            f"  auxv      {len(p.auxv)} entries"
            + (f"  vdso hash {p.vdso_hash.hex()}" if p.vdso_hash else ""),
+           f"  prctl     pdeathsig {p.pdeathsig}  dumpable {p.dumpable}  "
+           f"no_new_privs {int(p.no_new_privs)}  child_subreaper {int(p.child_subreaper)}",
+           "  itimers   " + (", ".join(f"{n} {v / 1e6:g}s/{i / 1e6:g}s" for n, (i, v)
+                                        in zip(("real", "virtual", "prof"), p.itimers) if v)
+                             or "-"),
+           "  timers    " + (", ".join(
+               f"id {t.id} clock {t.clock} {t.notify}"
+               + (f" {_signame(t.signo)}" if t.signo else "")
+               + (f" to {t.tid}" if t.tid else "")
+               + f" in {t.value_ns / 1e9:g}s every {t.interval_ns / 1e9:g}s"
+               for t in p.timers) or "-"),
            "",
            f"threads ({len(image.threads)})",
-           f"  {'tid':>7}  {'comm':16} {'rip':>18} {'rsp':>18} {'sigmask':>18}"]
+           f"  {'tid':>7}  {'comm':16} {'state':26} {'rip':>18} {'rsp':>18} {'sigmask':>18}"]
     for t in image.threads:
-        out.append(f"  {t.tid:>7}  {_text(t.comm):16} {t.regs.rip:#18x} {t.regs.rsp:#18x} "
-                   f"{t.sigmask:#018x}")
+        out.append(f"  {t.tid:>7}  {_text(t.comm):16} {_where(t.regs):26} {t.regs.rip:#18x} "
+                   f"{t.regs.rsp:#18x} {t.sigmask:#018x}")
 
     out += ["", f"memory map ({len(image.vmas)} vmas, {saved} pages saved, "
                 f"{_size(saved * page)})",
@@ -81,10 +94,49 @@ def summarize(image: Image) -> str:
     return "\n".join(out) + "\n"
 
 
+# x86_64 numbers of the system calls a thread is usually found blocked in.
+_SYSCALLS = {
+    0: "read", 1: "write", 7: "poll", 16: "ioctl", 17: "pread64", 19: "readv",
+    23: "select", 24: "sched_yield", 34: "pause", 35: "nanosleep", 43: "accept",
+    44: "sendto", 45: "recvfrom", 46: "sendmsg", 47: "recvmsg", 61: "wait4",
+    65: "semop", 70: "msgrcv", 72: "fcntl", 128: "rt_sigtimedwait",
+    130: "rt_sigsuspend", 202: "futex", 208: "io_getevents", 220: "semtimedop",
+    230: "clock_nanosleep", 232: "epoll_wait", 247: "waitid", 270: "pselect6",
+    271: "ppoll", 281: "epoll_pwait", 288: "accept4", 299: "recvmmsg",
+    426: "io_uring_enter", 441: "epoll_pwait2", 449: "futex_waitv",
+}
+
+
+def _where(r) -> str:
+    """What the thread was doing when it was stopped: in user code, in a
+    system call the restore restarts (the dumper set rax = orig_rax and
+    rip back over the syscall instruction), or returning from one."""
+    if r.orig_rax == 2**64 - 1:
+        return "running"
+    name = _SYSCALLS.get(r.orig_rax, f"syscall {r.orig_rax}")
+    return f"in {name} (restarts)" if r.rax == r.orig_rax else f"leaving {name}"
+
+
 def to_json(image: Image) -> dict:
     """The image as plain dicts/lists/ints/strs; bytes become hex strings."""
-    return {f.name: _plain(getattr(image, f.name))
-            for f in dataclasses.fields(image) if f.name != "extra"}
+    out = {f.name: _plain(getattr(image, f.name))
+           for f in dataclasses.fields(image) if f.name != "extra"}
+    out["signatures"] = [dict(version=b.version, algorithm=b.algorithm, offset=b.offset,
+                              public_key=b.body[:32].hex() if _known(b) else None)
+                         for b in image.extra.get("signatures", ())]
+    return out
+
+
+def _known(block) -> bool:
+    from .format import SIG_ED25519, SIG_VERSION
+    return (block.version, block.algorithm) == (SIG_VERSION, SIG_ED25519)
+
+
+def _signer(block) -> str:
+    if not _known(block):
+        return f"(block version {block.version}, algorithm {block.algorithm}: unknown)"
+    from ..sign import fingerprint
+    return fingerprint(block.body[:32])
 
 
 def _plain(x):

@@ -39,6 +39,8 @@ MAX_AUXV = 27                       # pairs: saved_auxv holds 2 * AT_VECTOR_SIZE
 ROBUST_LIST_HEAD = 24               # sizeof(struct robust_list_head): set_robust_list wants it exactly
 RSEQ_MIN, RSEQ_MAX, RSEQ_ALIGN = 32, 4096, 32
 MINSIGSTKSZ = 2048
+SCHED_POLICIES = (0, 1, 2, 3, 5, 6)   # OTHER, FIFO, RR, BATCH, IDLE, DEADLINE
+SCHED_RESET_ON_FORK = 0x40000000
 SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
 # Room a signal frame needs below rsp: red zone, rt_sigframe, alignment,
 # the XSAVE area and its end magic (see ckpt.restore.sigframe).
@@ -124,7 +126,8 @@ class _Validator:
     def process(self) -> None:
         p = self.image.process
         if not p.cwd.startswith("/") or "\0" in p.cwd:
-            raise _bad(f"process: cwd {p.cwd[:80]!r} is not an absolute path")
+            raise _bad(f"process: cwd {p.cwd[:80]!r} is not an absolute path without "
+                       "NUL bytes")
         c = p.creds
         for what, ids in (("uids", c.uids), ("gids", c.gids), ("groups", c.groups)):
             if UID_INVALID in ids:
@@ -152,6 +155,13 @@ class _Validator:
                 raise _bad(f"process: sigaction {s.signo}: restorer {s.restorer:#x} "
                            "is not a user address")
         _siginfos(p.shared_pending, "process: shared_pending")
+        tids = {t.tid for t in self.image.threads}
+        for n, tm in enumerate(getattr(p, "timers", ())):
+            if tm.notify != "none" and not 1 <= tm.signo <= 64:
+                raise _bad(f"process: timers[{n}]: signal number {tm.signo}")
+            if tm.notify == "thread" and tm.tid not in tids:
+                raise _bad(f"process: timers[{n}]: signals tid {tm.tid}, not a thread "
+                           "of the image")
 
     # -- threads --------------------------------------------------------------------
     def thread(self, i: int, t) -> None:
@@ -180,6 +190,14 @@ class _Validator:
             raise _bad(f"{where}: rsp {r.rsp:#x} leaves no room for a signal frame "
                        "in writable memory below it")
         _siginfos(t.pending, f"{where}: pending")
+        policy = getattr(t, "sched_policy", 0)
+        if policy & ~SCHED_RESET_ON_FORK not in SCHED_POLICIES:
+            raise _bad(f"{where}: unknown scheduling policy {policy:#x}")
+        prio = getattr(t, "sched_priority", 0)
+        if not (1 <= prio <= 99 if policy & ~SCHED_RESET_ON_FORK in (1, 2) else prio == 0):
+            raise _bad(f"{where}: scheduling priority {prio} for policy {policy:#x}")
+        if not -20 <= getattr(t, "nice", 0) <= 19:
+            raise _bad(f"{where}: nice {t.nice} outside -20..19")
         sp, flags, size = t.altstack
         if flags & ~(SS_ONSTACK | SS_DISABLE | SS_AUTODISARM):
             raise _bad(f"{where}: altstack flags {flags:#x}")
@@ -203,7 +221,8 @@ class _Validator:
     def files_and_fds(self) -> None:
         for i, f in enumerate(self.image.files):
             if not f.path.startswith("/") or "\0" in f.path:
-                raise _bad(f"file {i}: path {f.path[:80]!r} is not an absolute path")
+                raise _bad(f"file {i}: path {f.path[:80]!r} is not an absolute path "
+                           "without NUL bytes")
         for i, d in enumerate(self.image.fds):
             if d.fd > MAX_FD:
                 raise _bad(f"fd {i}: fd {d.fd} is above {MAX_FD}")

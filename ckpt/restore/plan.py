@@ -98,6 +98,22 @@ class PlanThread:
     altstack_flags: int         # SS_DISABLE: none
     frame_addr: int             # from sigframe.build_sigframe
     frame: bytes
+    comm: bytes = b""           # thread name; b"": keep
+    sched_policy: int = -1      # -1: keep
+    sched_priority: int = 0
+    nice: int | None = None     # None: keep
+
+
+@dataclass(frozen=True)
+class PlanTimer:
+    id: int
+    clock: int
+    notify: int                 # SIGEV_SIGNAL 0, SIGEV_NONE 1, SIGEV_THREAD_ID 4
+    signo: int
+    thread: int                 # SIGEV_THREAD_ID: thread index + 1, else 0
+    value: int                  # sigev_value
+    interval_ns: int
+    value_ns: int
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,19 @@ class Plan:
     gadget_sigreturn: int = 0
     stop_after_step: int = 0
     stop_status: int = 0
+    new_tids: bool = False      # don't ask clone3 for the saved thread ids
+    itimers: tuple[tuple[int, int], ...] = ()   # 3 x (interval_us, value_us); (): keep
+    timers: tuple[PlanTimer, ...] = ()
+    pdeathsig: int = -1         # -1: keep
+    dumpable: int = -1          # -1: keep
+    no_new_privs: bool = False
+    child_subreaper: bool = False
+
+
+# Each thread but the first gets a block of the stub region: its stub stack
+# (the stub's fault handler may run there with a full XSAVE frame).
+THREAD_BLOCK = 32 << 10
+PT_NEW_TIDS = 0x1
 
 
 def _bug(msg: str) -> CkptError:
@@ -167,10 +196,8 @@ def _abi() -> dict:
 
 def _check(plan: Plan, *, stub_start: int, stub_len: int, vdso_cur: int,
            task_top: int) -> None:
-    if len(plan.threads) != 1:
-        raise CkptError(Status.UNSUPPORTED_STATE,
-                        f"the image has {len(plan.threads)} threads; this "
-                        "restorer restores single-threaded processes only")
+    if not plan.threads:
+        raise _bug("no threads")
     if plan.fd_base < 3 or plan.image_fd < plan.fd_base:
         raise _bug(f"image fd {plan.image_fd} below fd_base {plan.fd_base}")
     stub_end = stub_start + stub_len
@@ -223,6 +250,12 @@ def _check(plan: Plan, *, stub_start: int, stub_len: int, vdso_cur: int,
         if not 1 <= signo <= 64 or not 0 <= thread <= len(plan.threads) \
                 or len(info) != 128:
             raise _bug(f"queued signal {signo} for thread {thread}")
+    if len(plan.itimers) not in (0, 3):
+        raise _bug(f"{len(plan.itimers)} itimers (0 or 3)")
+    for tm in plan.timers:
+        if tm.notify not in (0, 1, 4) or not 0 <= tm.thread <= len(plan.threads) \
+                or (tm.notify == 4) != (tm.thread > 0) or not 0 <= tm.signo <= 64:
+            raise _bug(f"timer {tm.id}: notify {tm.notify} thread {tm.thread}")
     for t in plan.threads:
         fa, fl = t.frame_addr, len(t.frame)
         if fl < 48 or (fa + 8) % 16:
@@ -235,12 +268,13 @@ def _check(plan: Plan, *, stub_start: int, stub_len: int, vdso_cur: int,
 
 def encode(plan: Plan, *, stub_start: int, stub_len: int,
            cur_rseq: tuple[int, int, int] | None, vdso_cur: int,
-           vdso_park: int, task_top: int) -> bytes:
+           vdso_park: int, task_top: int, thread_area: int = 0) -> bytes:
     """The plan block for the stub.
 
     cur_rseq: the launcher's own rseq registration (addr, len, sig) or None;
     vdso_cur: the launcher's [vvar] start (its block is plan.vdso_len long);
-    vdso_park: vdso_len free bytes inside the stub region.
+    vdso_park: vdso_len free bytes inside the stub region;
+    thread_area: (len(threads) - 1) * THREAD_BLOCK free bytes inside it.
     """
     from ckpt.restore.sigframe import set_uc_stack
 
@@ -248,8 +282,8 @@ def encode(plan: Plan, *, stub_start: int, stub_len: int,
            task_top=task_top)
     L = _Layout(_abi())
     c = L.consts
-    if (c["PLAN_MAGIC"], c["PLAN_VERSION"], c["PLAN_AUXV_WORDS"]) != \
-            (PLAN_MAGIC, PLAN_VERSION, PLAN_AUXV_WORDS):
+    if (c["PLAN_MAGIC"], c["PLAN_VERSION"], c["PLAN_AUXV_WORDS"], c["PT_NEW_TIDS"]) != \
+            (PLAN_MAGIC, PLAN_VERSION, PLAN_AUXV_WORDS, PT_NEW_TIDS):
         raise _bug("plan.py constants differ from plan.h (rebuild the stub)")
 
     runs = [r for v in plan.vmas for r in v.runs]
@@ -258,7 +292,8 @@ def encode(plan: Plan, *, stub_start: int, stub_len: int,
               ("fds_off", "plan_fd", len(plan.fds)),
               ("rlimits_off", "plan_rlimit", len(plan.rlimits)),
               ("threads_off", "plan_thread", len(plan.threads)),
-              ("siginfo_off", "plan_siginfo", len(plan.siginfo))]
+              ("siginfo_off", "plan_siginfo", len(plan.siginfo)),
+              ("timers_off", "plan_timer", len(plan.timers))]
     pos = L.size("plan_header")
     offs = {}
     for key, st, n in tables:
@@ -298,7 +333,14 @@ def encode(plan: Plan, *, stub_start: int, stub_len: int,
             ("gadget_syscall_ret", plan.gadget_syscall_ret),
             ("gadget_sigreturn", plan.gadget_sigreturn),
             ("stop_after_step", plan.stop_after_step),
-            ("stop_status", plan.stop_status)):
+            ("stop_status", plan.stop_status),
+            ("thread_area", thread_area if len(plan.threads) > 1 else 0),
+            ("thread_block", THREAD_BLOCK),
+            ("thread_flags", PT_NEW_TIDS if plan.new_tids else 0),
+            ("nr_itimers", len(plan.itimers)), ("nr_timers", len(plan.timers)),
+            ("pdeathsig", plan.pdeathsig), ("dumpable", plan.dumpable),
+            ("no_new_privs", int(plan.no_new_privs)),
+            ("child_subreaper", int(plan.child_subreaper))):
         put(buf, 0, H, name, value)
     for key, value in offs.items():
         put(buf, 0, H, key, value)
@@ -360,9 +402,30 @@ def encode(plan: Plan, *, stub_start: int, stub_len: int,
                 ("altstack_size", t.altstack_size),
                 ("altstack_flags", t.altstack_flags),
                 ("frame_addr", t.frame_addr), ("frame_off", frame_offs[i]),
-                ("frame_len", len(frames[i]))):
+                ("frame_len", len(frames[i])), ("comm", t.comm[:15]),
+                ("sched_policy", t.sched_policy), ("sched_priority", t.sched_priority),
+                ("nice", t.nice or 0), ("set_nice", int(t.nice is not None))):
             put(buf, base, "plan_thread", name, value)
         buf[frame_offs[i]:frame_offs[i] + len(frames[i])] = frames[i]
+    it_off, it_size, _ = L.structs[H]["fields"]["itimers"]
+    for w, (interval_us, value_us) in enumerate(plan.itimers):
+        base = it_off + w * it_size
+        for name, value in (("interval_sec", interval_us // 10**6),
+                            ("interval_usec", interval_us % 10**6),
+                            ("value_sec", value_us // 10**6),
+                            ("value_usec", value_us % 10**6)):
+            put(buf, base, "plan_itimer", name, value)
+    sz = L.size("plan_timer")
+    for i, tm in enumerate(plan.timers):
+        base = offs["timers_off"] + i * sz
+        for name, value in (("id", tm.id), ("clock", tm.clock), ("notify", tm.notify),
+                            ("signo", tm.signo), ("thread", tm.thread),
+                            ("value", tm.value),
+                            ("interval_sec", tm.interval_ns // 10**9),
+                            ("interval_nsec", tm.interval_ns % 10**9),
+                            ("value_sec", tm.value_ns // 10**9),
+                            ("value_nsec", tm.value_ns % 10**9)):
+            put(buf, base, "plan_timer", name, value)
     sz = L.size("plan_siginfo")
     for i, (signo, thread, info) in enumerate(plan.siginfo):
         base = offs["siginfo_off"] + i * sz
@@ -381,6 +444,6 @@ __all__ = [
     "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC", "PV_SHARED", "PV_ANON",
     "PV_GROWSDOWN", "PA_DONTFORK", "PA_DONTDUMP", "PA_WIPEONFORK",
     "PA_HUGEPAGE", "PA_NOHUGEPAGE", "PA_MERGEABLE", "ADVICE_BITS",
-    "PlanVma", "PlanFd", "PlanThread", "Plan", "encode", "prot_bits",
-    "MM_FIELDS", "RSEQ_SIG", "SS_DISABLE",
+    "PlanVma", "PlanFd", "PlanThread", "PlanTimer", "Plan", "encode", "prot_bits",
+    "MM_FIELDS", "RSEQ_SIG", "SS_DISABLE", "THREAD_BLOCK",
 ]

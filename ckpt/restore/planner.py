@@ -13,7 +13,7 @@ from ..errors import CkptError, Status
 from ..image.model import RLIM_INFINITY, Image, Vma
 from .files import OpenFiles
 from .plan import (ADVICE_BITS, MM_FIELDS, PV_ANON, PV_GROWSDOWN, PV_SHARED,
-                   Plan, PlanFd, PlanThread, PlanVma, prot_bits)
+                   Plan, PlanFd, PlanThread, PlanTimer, PlanVma, prot_bits)
 from .sigframe import build_sigframe
 
 RLIMIT_NUMBERS = {
@@ -28,6 +28,8 @@ CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 21, 40
 
 
 def build_plan(image: Image, files: OpenFiles, image_fd: int) -> Plan:
+    """CKPT_NEW_TIDS=1 in the environment: give the threads new ids even
+    where the saved ones could be had (tests use it for the fix-ups)."""
     proc = image.process
     fd_base = max([2] + [fd.fd for fd in image.fds]) + 1
     moved: dict[int, int] = {}
@@ -59,7 +61,30 @@ def build_plan(image: Image, files: OpenFiles, image_fd: int) -> Plan:
         personality=proc.personality, umask=proc.umask,
         comm=proc.comm.encode()[:15], vdso_dst=dst, vdso_len=length,
         gadget_syscall_ret=syscall_ret, gadget_sigreturn=restore_rt,
+        new_tids=os.environ.get("CKPT_NEW_TIDS") == "1",
+        itimers=proc.itimers, timers=_timers(image),
+        pdeathsig=proc.pdeathsig, dumpable=min(proc.dumpable, 1) if proc.dumpable != 2 else 0,
+        no_new_privs=proc.no_new_privs, child_subreaper=proc.child_subreaper,
     )
+
+
+NOTIFY = {"signal": 0, "none": 1, "thread": 4}
+
+
+def _timers(image: Image) -> tuple[PlanTimer, ...]:
+    index = {t.tid: n + 1 for n, t in enumerate(image.threads)}
+    out = []
+    for tm in image.process.timers:
+        thread = 0
+        if tm.notify == "thread":
+            if tm.tid not in index:
+                raise CkptError(Status.CORRUPT_IMAGE,
+                                f"timer {tm.id} signals thread {tm.tid}, which is not "
+                                "in the image")
+            thread = index[tm.tid]
+        out.append(PlanTimer(tm.id, tm.clock, NOTIFY[tm.notify], tm.signo, thread,
+                             tm.value, tm.interval_ns, tm.value_ns))
+    return tuple(out)
 
 
 def _free_fd(base: int, moved: dict[int, int]) -> int:
@@ -93,7 +118,9 @@ def _plan_thread(t) -> PlanThread:
         tid_address=t.tid_address, robust_head=t.robust_list[0],
         robust_len=t.robust_list[1], rseq_addr=rseq[0], rseq_len=rseq[1],
         rseq_sig=rseq[2], altstack_sp=t.altstack[0], altstack_size=t.altstack[2],
-        altstack_flags=t.altstack[1], frame_addr=frame_addr, frame=frame)
+        altstack_flags=t.altstack[1], frame_addr=frame_addr, frame=frame,
+        comm=t.comm.encode(errors="surrogateescape")[:15],
+        sched_policy=t.sched_policy, sched_priority=t.sched_priority, nice=t.nice)
 
 
 def _rlimit(name: str, soft: int, hard: int) -> tuple[int, int, int]:

@@ -25,7 +25,7 @@ import sys
 
 from ckpt.errors import CkptError, Status
 from ckpt.restore import _stub
-from ckpt.restore.plan import PAGE, Plan, RSEQ_SIG, encode
+from ckpt.restore.plan import PAGE, THREAD_BLOCK, Plan, RSEQ_SIG, encode
 
 TASK_TOP = 0x7FFFFFFFF000
 # Where to try first: far from the usual program (0x55..), mmap (0x7f..)
@@ -220,7 +220,8 @@ def launch(plan: Plan, *, avoid: list[tuple[int, int]]) -> NoReturn:
                                    vdso_park=0, task_top=TASK_TOP)))
     code_len = _page_up(_stub.MEM_SIZE)
     park_len = _page_up(vdso_len) if plan.vdso_dst else 0
-    total = code_len + plan_len + park_len
+    threads_len = (len(plan.threads) - 1) * THREAD_BLOCK
+    total = code_len + plan_len + park_len + threads_len
 
     busy = [(lo, hi) for lo, hi, _ in maps]
     busy += [(lo, hi) for lo, hi in avoid]
@@ -230,11 +231,12 @@ def launch(plan: Plan, *, avoid: list[tuple[int, int]]) -> NoReturn:
     start = _place(total, busy, low)
     plan_addr = start + code_len
     park = plan_addr + plan_len if park_len else 0
+    thread_area = plan_addr + plan_len + park_len
 
     try:
         block = encode(plan, stub_start=start, stub_len=total,
                        cur_rseq=cur_rseq, vdso_cur=vdso_cur, vdso_park=park,
-                       task_top=TASK_TOP)
+                       task_top=TASK_TOP, thread_area=thread_area)
         ctypes.memmove(start, _stub.BLOB, len(_stub.BLOB))
         ctypes.memmove(plan_addr, block, len(block))
         if _libc.mprotect(start, _stub.RX_SIZE, mmap.PROT_READ | mmap.PROT_EXEC):
