@@ -24,6 +24,8 @@ def cli() -> None:
       ckpt dump PID -o app.ckpt     save a running process (it keeps running)
       ckpt restore app.ckpt         become the saved process, here and now
       ckpt inspect app.ckpt         look inside an image
+      ckpt verify app.ckpt          would a restore go ahead? (all problems at once)
+      ckpt keygen -o KEY; ckpt sign --key KEY app.ckpt     sign images
       ckpt demo                     see it work on a small program
     """
 
@@ -35,7 +37,10 @@ def cli() -> None:
 @click.option("--kill", is_flag=True, help="Kill the process after a successful dump.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress on stderr (default: when it is a terminal).")
-def dump(pid: int, output: str, kill: bool, progress: bool | None) -> None:
+@click.option("--sign", "sign_key", metavar="KEY",
+              help="Sign the image with this private key (from `ckpt keygen`).")
+def dump(pid: int, output: str, kill: bool, progress: bool | None,
+         sign_key: str | None) -> None:
     """Save process PID into an image.
 
     Allowed exactly when you may ptrace PID. The process is stopped only
@@ -48,7 +53,11 @@ def dump(pid: int, output: str, kill: bool, progress: bool | None) -> None:
     from .checkpoint.dump import dump as do_dump
     if output == "-" and sys.stdout.isatty():
         raise CkptError(Status.USAGE, "refusing to write an image to a terminal")
-    do_dump(pid, output, kill=kill, progress=progress)
+    signer = None
+    if sign_key:                # before the target is touched: a bad key changes nothing
+        from .sign import load_signer
+        signer = load_signer(sign_key)
+    do_dump(pid, output, kill=kill, progress=progress, sign=signer)
 
 
 @cli.command(epilog=EPILOG)
@@ -83,6 +92,70 @@ def inspect(image: str, as_json: bool) -> None:
         click.echo(json.dumps(to_json(img), indent=2))
     else:
         click.echo(summarize(img), nl=False)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--key", "key_path", metavar="KEY.pub",
+              help="Also require a good signature by this public key.")
+@click.option("--as-caller", is_flag=True, envvar="CKPT_AS_CALLER",
+              help="Check as `ckpt restore --as-caller` would.")
+@click.option("--restore-creds", is_flag=True, envvar="CKPT_RESTORE_CREDS",
+              help="Check as `ckpt restore --restore-creds` would.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def verify(image: str, key_path: str | None, as_caller: bool, restore_creds: bool,
+           quiet: bool) -> None:
+    """Check IMAGE as a restore would, without restoring: the policy,
+    structure and checksums, signatures, the values it holds, this machine,
+    credentials, and every file it needs (exists, readable by you, the same
+    file). Reports every problem at once; exits 0 only if `ckpt restore
+    IMAGE` would go ahead, else with the status restore would give."""
+    from .verify import verify as do_verify
+    key = None
+    if key_path:
+        from .sign import read_public_key
+        key = read_public_key(key_path)
+    report = do_verify(image, key=key, as_caller=as_caller, restore_creds=restore_creds)
+    if not quiet or report.failures:
+        click.echo(report.text(), nl=False)
+    if report.failures:
+        first = report.failures[0]
+        more = len(report.failures) - 1
+        raise CkptError(first.status, first.message
+                        + (f" (and {more} more problem{'s' if more > 1 else ''}: see above)"
+                           if more else ""))
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-o", "--output", required=True, metavar="KEY",
+              help="Write the private key to KEY (mode 0600) and the public key to KEY.pub.")
+@click.option("-C", "--comment", default="", help="Comment for the public key line.")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keygen(output: str, comment: str, force: bool) -> None:
+    """Make an ed25519 key pair for signing images.
+
+    Give KEY.pub to whoever restores (an administrator lists it in
+    trusted_keys of /etc/ckpt/policy.toml); keep KEY private.
+    """
+    from .sign import keygen as do_keygen
+    priv, pub, fp = do_keygen(output, comment=comment, force=force)
+    click.echo(f"{priv}: private key\n{pub}: public key {fp}")
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--key", "key_path", required=True, metavar="KEY",
+              help="Private key (from `ckpt keygen`).")
+@click.argument("image", type=click.Path(dir_okay=False))
+def sign(key_path: str, image: str) -> None:
+    """Sign IMAGE in place (after checking it whole).
+
+    The signature is a block appended after the image's trailer; it signs
+    the trailer's BLAKE3 digest of the whole image. Signing again with the
+    same key replaces that key's signature; other keys' signatures stay.
+    """
+    from .sign import sign_file
+    fp = sign_file(image, key_path)
+    click.echo(f"{image}: signed by {fp}")
 
 
 @cli.command(epilog=EPILOG)

@@ -40,8 +40,8 @@ DESCRIPTIONS = {
     Status.NOT_AN_IMAGE: "the file is not a ckpt image",
     Status.UNSUPPORTED_IMAGE: "image of another format version, architecture or page size",
     Status.CORRUPT_IMAGE: "image is truncated, corrupt or malformed",
-    Status.SIGNATURE: "image signature missing or bad",
-    Status.POLICY: "refused by the administrator's policy",
+    Status.SIGNATURE: "image signature bad, or missing/untrusted when the policy requires one",
+    Status.POLICY: "refused by the administrator's policy (or the policy file is malformed)",
     Status.CREDENTIALS: "image credentials differ from the caller's",
     Status.FILE_CHANGED: "a file the image needs is missing, changed or unreadable",
     Status.NO_MEMORY: "not enough memory or address space to restore",
@@ -69,9 +69,28 @@ class CkptError(Exception):
         return self.message
 
 
+def printable(text: str) -> str:
+    """text with every non-printable character (newlines, escape sequences
+    from a hostile image's paths, undecodable bytes) shown as \\xNN, so a
+    message stays one line and can't drive the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= o <= 0xDCFF:             # a byte that was not UTF-8
+            out.append(f"\\x{o - 0xDC00:02x}")
+        else:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000
+                       else f"\\U{o:08x}")
+    return "".join(out)
+
+
 def fail(status: int, message: str) -> NoReturn:
     """The one way ckpt ends with an error: one line on stderr, a status."""
-    sys.stderr.write(f"ckpt: {message}\n")
+    sys.stderr.write(f"ckpt: {printable(message)}\n")
     sys.stderr.flush()
     sys.exit(int(status))
 

@@ -131,8 +131,8 @@ def _size(v) -> int:
 
 def _keys(path: str, entries) -> tuple[bytes, ...]:
     from ..sign import parse_public_key
-    if type(entries) is not list or not all(type(e) is str for e in entries):
-        raise _Bad("trusted_keys must be a list of strings")
+    if type(entries) is not list or not all(type(e) is str and e.strip() for e in entries):
+        raise _Bad("trusted_keys must be a list of non-empty strings")
     keys = []
     base = os.path.dirname(os.path.abspath(path))
     for entry in entries:
