@@ -2,7 +2,6 @@
 one clear CkptError line (never a traceback)."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from ckpt.image import (CURRENT_HEADER, GENERAL_REGS, MAGIC, RLIM_INFINITY, Cred
                         SigAction, Thread, Vma, read_image, summarize, to_json,
                         write_image)
 from ckpt.image import format as fmt
+from ckpt.image.record import replace
 
 PAGE = 4096
 PID = 4242
@@ -134,10 +134,10 @@ def expected(image: Image, offset: int, length: int) -> Image:
     for v in image.vmas:
         runs = []
         for r in v.runs:
-            runs.append(dataclasses.replace(r, data_offset=pos))
+            runs.append(replace(r, data_offset=pos))
             pos += r.count * PAGE
-        vmas.append(dataclasses.replace(v, runs=tuple(runs)))
-    return dataclasses.replace(image, vmas=tuple(vmas), pages_offset=offset,
+        vmas.append(replace(v, runs=tuple(runs)))
+    return replace(image, vmas=tuple(vmas), pages_offset=offset,
                                pages_length=length)
 
 
@@ -237,8 +237,8 @@ def test_round_trip_pipe(verify):
 def test_empty_image_parts():
     """No pages, no files, no fds: still a valid image."""
     image = make_image()
-    vmas = tuple(dataclasses.replace(v, runs=()) for v in image.vmas)
-    image = dataclasses.replace(image, vmas=vmas, fds=(), files=image.files[:2])
+    vmas = tuple(replace(v, runs=()) for v in image.vmas)
+    image = replace(image, vmas=vmas, fds=(), files=image.files[:2])
     buf = io.BytesIO()
     write_image(buf, image, [])
     got = read_bytes(buf.getvalue())
@@ -268,15 +268,15 @@ def test_writer_checks_page_total(delta):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda im: dataclasses.replace(im, vmas=im.vmas[1:2] + im.vmas[0:1] + im.vmas[2:]),
+    (lambda im: replace(im, vmas=im.vmas[1:2] + im.vmas[0:1] + im.vmas[2:]),
      "vma 1 starts below vma 0"),
-    (lambda im: dataclasses.replace(im, threads=()), "no thread"),
-    (lambda im: dataclasses.replace(im, fds=im.fds + (Fd(9, 99, "r", (), 0),)), "file id 99"),
-    (lambda im: dataclasses.replace(im, header=dataclasses.replace(im.header, page_size=16384)),
+    (lambda im: replace(im, threads=()), "no thread"),
+    (lambda im: replace(im, fds=im.fds + (Fd(9, 99, "r", (), 0),)), "file id 99"),
+    (lambda im: replace(im, header=replace(im.header, page_size=16384)),
      "header"),
-    (lambda im: dataclasses.replace(im, process=dataclasses.replace(im.process, pid="x")),
+    (lambda im: replace(im, process=replace(im.process, pid="x")),
      "process: pid: expected int"),
-    (lambda im: dataclasses.replace(im, process=dataclasses.replace(im.process, pid=2**70)),
+    (lambda im: replace(im, process=replace(im.process, pid=2**70)),
      "cannot encode process 0"),
 ])
 def test_writer_refuses_invalid_image(change, match):
@@ -612,7 +612,7 @@ def test_summarize_and_to_json():
 
 def test_summary_escapes_control_characters():
     image = make_image()
-    image = dataclasses.replace(image, process=dataclasses.replace(
+    image = replace(image, process=replace(
         image.process, comm="\x1b]0;pwned\x07", cwd="/tmp/\udc80"))
     text = summarize(image)
     assert "\x1b" not in text and "\\x1b]0;pwned\\x07" in text and "/tmp/\\x80" in text

@@ -7,7 +7,6 @@ step.
 """
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections import namedtuple
 
@@ -17,6 +16,7 @@ from .model import (ADVICE, FD_FLAGS, FILE_KINDS, GENERAL_REGS, SPECIAL_NAMES,
                     TIMER_NOTIFY, VMA_KINDS, Creds, Fd, File, GeneralRegs, Header,
                     MMFields, PageRun, PosixTimer, Process, Rlimit, SigAction,
                     Thread, Vma)
+from .record import fields
 
 # --- header and trailer -------------------------------------------------------
 
@@ -257,10 +257,10 @@ class Opt:
 
 
 class Tup:
-    """A fixed-length array; with `cls`, of that dataclass's leading fields."""
+    """A fixed-length array; with `cls`, of that record's leading fields."""
     def __init__(self, *items, cls=None):
         loads, n = [t.load for t in items], len(items)
-        names = [f.name for f in dataclasses.fields(cls)][:n] if cls else None
+        names = list(fields(cls))[:n] if cls else None
         build = (lambda vals: cls(*vals)) if cls else tuple
 
         def load(v):
@@ -333,7 +333,7 @@ class Runs:
 
 
 class Struct:
-    """A map of named fields, built into dataclass `cls`. Every field is
+    """A map of named fields, built into record `cls`. Every field is
     required; unknown names starting with "x-" are skipped; `check(obj)`
     returns a complaint about the whole value, or None. A record's schema has
     a `tag`, the value of its "type" key."""
@@ -382,7 +382,7 @@ class Struct:
 
 
 def _named(cls, t):
-    return {f.name: t for f in dataclasses.fields(cls)}
+    return dict.fromkeys(fields(cls), t)
 
 
 # --- per-record rules (cross-record rules live in reader.check_image) ----------

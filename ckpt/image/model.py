@@ -1,13 +1,14 @@
 """The image's intermediate representation: what a saved process *is*.
 
-Plain frozen dataclasses. The dumper builds them, the writer serialises them,
-the reader returns them, the restorer consumes them. Nothing here is a raw
+Plain frozen records (record.py: frozen dataclasses, minus their start-up
+cost). The dumper builds them, the writer serialises them, the reader
+returns them, the restorer consumes them. Nothing here is a raw
 kernel flag word that could change meaning between kernels: protections are
 "rwx" strings, file flags are names, mappings say what backs them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .record import Default, record
 
 RLIM_INFINITY = 2**64 - 1
 
@@ -30,7 +31,7 @@ ADVICE = ("dontfork", "dontdump", "wipeonfork", "hugepage", "nohugepage",
           "mergeable")
 
 
-@dataclass(frozen=True)
+@record
 class Header:
     version_major: int
     version_minor: int
@@ -39,7 +40,7 @@ class Header:
     flags: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Creds:
     uids: tuple[int, int, int, int]   # real, effective, saved, filesystem
     gids: tuple[int, int, int, int]
@@ -51,14 +52,14 @@ class Creds:
     cap_amb: int
 
 
-@dataclass(frozen=True)
+@record
 class Rlimit:
     name: str                   # "nofile", "stack", ... (see schema)
     soft: int                   # RLIM_INFINITY for unlimited
     hard: int
 
 
-@dataclass(frozen=True)
+@record
 class MMFields:
     """The mm_struct fields prctl(PR_SET_MM_MAP) sets."""
     start_code: int
@@ -74,7 +75,7 @@ class MMFields:
     env_end: int
 
 
-@dataclass(frozen=True)
+@record
 class SigAction:
     signo: int                  # 1..64, never SIGKILL/SIGSTOP
     handler: int                # 0 = SIG_DFL, 1 = SIG_IGN, else an address
@@ -83,7 +84,7 @@ class SigAction:
     mask: int                   # 64-bit signal set, bit n-1 = signal n
 
 
-@dataclass(frozen=True)
+@record
 class Process:
     pid: int
     comm: str
@@ -109,7 +110,7 @@ class Process:
     child_subreaper: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class GeneralRegs:
     r15: int; r14: int; r13: int; r12: int; rbp: int; rbx: int
     r11: int; r10: int; r9: int; r8: int; rax: int; rcx: int
@@ -118,7 +119,7 @@ class GeneralRegs:
     ds: int; es: int; fs: int; gs: int
 
 
-@dataclass(frozen=True)
+@record
 class Thread:
     tid: int
     comm: str
@@ -135,7 +136,7 @@ class Thread:
     nice: int = 0               # getpriority(PRIO_PROCESS, tid)
 
 
-@dataclass(frozen=True)
+@record
 class File:
     id: int
     path: str
@@ -149,7 +150,7 @@ class File:
     build_id: bytes = b""       # GNU build-id of an ELF file, if any
 
 
-@dataclass(frozen=True)
+@record
 class PageRun:
     """`count` saved pages starting at `addr`; data lies at `data_offset`
     bytes into the page-data section (derived: runs are stored in order)."""
@@ -158,7 +159,7 @@ class PageRun:
     data_offset: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Vma:
     start: int
     end: int
@@ -181,7 +182,7 @@ class Vma:
         return sum(r.count for r in self.runs)
 
 
-@dataclass(frozen=True)
+@record
 class Fd:
     fd: int
     file: int                   # File.id
@@ -190,7 +191,7 @@ class Fd:
     pos: int
 
 
-@dataclass(frozen=True)
+@record
 class Image:
     header: Header
     process: Process
@@ -202,7 +203,7 @@ class Image:
     # reader fills these in, the writer derives them.
     pages_offset: int = 0
     pages_length: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict = Default(dict, compare=False)
 
     def file(self, file_id: int) -> File:
         for f in self.files:
@@ -211,7 +212,7 @@ class Image:
         raise KeyError(file_id)
 
 
-@dataclass(frozen=True)
+@record
 class PosixTimer:
     """A timer_create(2) timer of the process."""
     id: int                     # the timer id the program holds

@@ -5,10 +5,10 @@ terminal, so a crafted path can't emit control sequences.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from .model import Image
+from .record import fields, is_record
 
 _SIGNALS = ("HUP INT QUIT ILL TRAP ABRT BUS FPE KILL USR1 SEGV USR2 PIPE ALRM "
             "TERM STKFLT CHLD CONT STOP TSTP TTIN TTOU URG XCPU XFSZ VTALRM PROF "
@@ -119,8 +119,7 @@ def _where(r) -> str:
 
 def to_json(image: Image) -> dict:
     """The image as plain dicts/lists/ints/strs; bytes become hex strings."""
-    out = {f.name: _plain(getattr(image, f.name))
-           for f in dataclasses.fields(image) if f.name != "extra"}
+    out = {f: _plain(getattr(image, f)) for f in fields(image) if f != "extra"}
     out["signatures"] = [dict(version=b.version, algorithm=b.algorithm, offset=b.offset,
                               public_key=b.body[:32].hex() if _known(b) else None)
                          for b in image.extra.get("signatures", ())]
@@ -140,8 +139,8 @@ def _signer(block) -> str:
 
 
 def _plain(x):
-    if dataclasses.is_dataclass(x):
-        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if is_record(x):
+        return {f: _plain(getattr(x, f)) for f in fields(x)}
     if isinstance(x, (bytes, bytearray)):
         return bytes(x).hex()
     if isinstance(x, (tuple, list)):

@@ -10,7 +10,7 @@ import os
 import resource
 
 from ..errors import CkptError, Status
-from ..image.model import RLIM_INFINITY, Image, Vma
+from ..image.model import GENERAL_REGS, RLIM_INFINITY, Image, Vma
 from .files import OpenFiles
 from .plan import (ADVICE_BITS, MM_FIELDS, PV_ANON, PV_GROWSDOWN, PV_SHARED,
                    Plan, PlanFd, PlanThread, PlanTimer, PlanVma, prot_bits)
@@ -110,7 +110,7 @@ def _plan_vma(v: Vma, fd: int, pages_offset: int) -> PlanVma:
 
 
 def _plan_thread(t) -> PlanThread:
-    regs = {name: getattr(t.regs, name) for name in t.regs.__dataclass_fields__}
+    regs = {name: getattr(t.regs, name) for name in GENERAL_REGS}
     frame_addr, frame = build_sigframe(regs, t.xstate, t.sigmask)
     rseq = t.rseq or (0, 0, 0)
     return PlanThread(

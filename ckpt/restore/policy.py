@@ -19,11 +19,11 @@ to stop images from running at all, disable the format (INSTALL.md).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
 from ..errors import CkptError, Status
+from ..image.record import fields, record
 
 DEFAULT_PATH = "/etc/ckpt/policy.toml"
 ENV = "CKPT_POLICY"
@@ -31,7 +31,7 @@ MAX_POLICY_SIZE = 1 << 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Policy:
     path: str                   # the file it came from (or would have)
     found: bool                 # False: the file does not exist, defaults apply
@@ -90,7 +90,7 @@ def _refuse(path: str, why: str):
 
 
 def _build(path: str, table: dict) -> Policy:
-    known = {f.name for f in dataclasses.fields(Policy)} - {"path", "found"}
+    known = set(fields(Policy)) - {"path", "found"}
     for key in table:
         if key not in known:
             raise _Bad(f"unknown key {key!r} (known: {', '.join(sorted(known))})")

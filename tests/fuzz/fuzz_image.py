@@ -106,16 +106,16 @@ def TestOneInput(data: bytes) -> None:
 def valid_image():
     """tests/test_image.make_image() changed until the validator accepts it,
     so that mutations start from an image that reaches every check."""
-    import dataclasses as dc
     from test_image import make_image
+    from ckpt.image.record import replace
     from ckpt.image.validate import problems
     im = make_image()
 
     def sig(n, info=bytes(128)):
         return n.to_bytes(4, "little") + info[4:]
-    im = dc.replace(im, process=dc.replace(im.process, shared_pending=(sig(10),)))
-    im = dc.replace(im, threads=tuple(
-        dc.replace(t, regs=dc.replace(t.regs, rip=0x555555558100, rsp=0x7FFFFFFFE2C8),
+    im = replace(im, process=replace(im.process, shared_pending=(sig(10),)))
+    im = replace(im, threads=tuple(
+        replace(t, regs=replace(t.regs, rip=0x555555558100, rsp=0x7FFFFFFFE2C8),
                    rseq=(0x555555564000, 32, 0x53053053) if t.rseq else None,
                    pending=tuple(sig(11, x) for x in t.pending))
         for t in im.threads))
