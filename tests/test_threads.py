@@ -24,6 +24,16 @@ def restore_env(image, *, new_tids: bool = False, timeout: float = 60):
     return ckpt("restore", str(image), timeout=timeout, env=env)
 
 
+def dumped(start, argv, ready_lines: int, image):
+    """Start argv, wait for its first ready_lines lines of output, dump it
+    to image and kill it: the image is all that is left of it."""
+    target = start(argv)
+    wait_lines(target.stdout_path, ready_lines, target=target)
+    dump(target.pid, image)
+    target.kill()
+    return image
+
+
 def test_main_thread_cached_tid(programs, start, tmp_path):
     """raise, pthread_kill(pthread_self()), pthread_getaffinity_np and the
     thread CPU clock of the main thread, whose id changed to the restore
@@ -31,11 +41,7 @@ def test_main_thread_cached_tid(programs, start, tmp_path):
     prog = programs("tidcache")
     ref = start([prog, 3, 0], name="reference")
     assert ref.wait() == 41, ref.stdout()
-    target = start([prog, 40, 50])
-    wait_lines(target.stdout_path, 2, target=target)
-    image = tmp_path / "tidcache.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 40, 50], 2, tmp_path / "tidcache.ckpt")
     r = restore(image)
     assert r.stdout.splitlines()[-1] == "result 31", r
     assert r.returncode == 41, r
@@ -82,11 +88,7 @@ def test_threads8_restore(programs, start, tmp_path, new_tids):
     with their saved ids (root: clone3 set_tid) or with new ones."""
     prog = programs("threads8")
     ref_status, ref_sum = _threads8_reference(prog, start)
-    target = start([prog, 16, 30, 150])
-    wait_lines(target.stdout_path, 8, target=target)
-    image = tmp_path / "threads8.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 16, 30, 150], 8, tmp_path / "threads8.ckpt")
     r = restore_env(image, new_tids=new_tids)
     assert r.returncode == ref_status, r
     assert r.stdout.splitlines()[-1] == ref_sum, r
@@ -106,11 +108,7 @@ def test_robust_mutex_held_at_dump(programs, start, tmp_path, new_tids):
     late = ["late"] if new_tids else []
     ref = start([prog, 5, 10, *late], name="reference")
     assert ref.wait() == 41, ref.stdout()
-    target = start([prog, 40, 50, *late])
-    wait_lines(target.stdout_path, 3, target=target)
-    image = tmp_path / "robust.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 40, 50, *late], 3, tmp_path / "robust.ckpt")
     r = restore_env(image, new_tids=new_tids)
     assert r.stdout.splitlines()[-1] == "result 31", r
     assert r.returncode == 41, r
@@ -123,11 +121,7 @@ def test_pthread_kill_on_altstacks(programs, start, tmp_path, new_tids):
     SIGUSR2 and two queued process-wide SIGRTMIN+2 (blocked all along)
     arrive once unblocked, to the right thread, with their values."""
     prog = programs("sigalt")
-    target = start([prog, 30, 40])
-    wait_lines(target.stdout_path, 4, target=target)
-    image = tmp_path / "sigalt.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 30, 40], 4, tmp_path / "sigalt.ckpt")
     img = inspect_json(image)
     assert len(img["process"]["shared_pending"]) == 2
     assert len(img["threads"][1]["pending"]) == 1
@@ -142,11 +136,7 @@ def test_same_image_restored_twice_at_once(programs, start, tmp_path):
     the saved thread ids, the other new ones (EEXIST); both finish right."""
     prog = programs("threads8")
     ref_status, ref_sum = _threads8_reference(prog, start)
-    target = start([prog, 16, 30, 150])
-    wait_lines(target.stdout_path, 8, target=target)
-    image = tmp_path / "twice.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 16, 30, 150], 8, tmp_path / "twice.ckpt")
     procs = []
     for i in range(2):
         out, err = open(tmp_path / f"r{i}.out", "wb"), open(tmp_path / f"r{i}.err", "wb")
@@ -261,11 +251,7 @@ def test_timer_create_sigrtmin(programs, start, tmp_path, new_tids):
     prog = programs("rtimer")
     ref = start([prog, 5, 3], name="reference")
     assert ref.wait() == 25, ref.stdout()
-    target = start([prog, 60, 40])
-    wait_lines(target.stdout_path, 10, target=target)
-    image = tmp_path / "rtimer.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 60, 40], 10, tmp_path / "rtimer.ckpt")
     timers = inspect_json(image)["process"]["timers"]
     assert [(t["id"], t["notify"]) for t in timers] == [(1, "signal"), (2, "thread")]
     r = restore_env(image, new_tids=new_tids, timeout=30)
@@ -277,11 +263,7 @@ def test_prctl_state(programs, start, tmp_path):
     """pdeathsig, dumpable, child subreaper, no_new_privs and a thread's
     own name, scheduling policy and nice value survive."""
     prog = programs("pstate")
-    target = start([prog, 40, 50])
-    wait_lines(target.stdout_path, 2, target=target)
-    image = tmp_path / "pstate.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 40, 50], 2, tmp_path / "pstate.ckpt")
     r = restore(image)
     assert r.returncode == 12, r
     assert r.stdout.splitlines()[-1] == "state 12 0 1 1 worker-7 3 7", r
@@ -306,11 +288,7 @@ def test_restore_in_user_namespace_gets_new_tids(programs, start, tmp_path):
         pytest.skip("no unshare(1)")
     prog = programs("threads8")
     ref_status, ref_sum = _threads8_reference(prog, start)
-    target = start([prog, 16, 30, 150])
-    wait_lines(target.stdout_path, 8, target=target)
-    image = tmp_path / "userns.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    image = dumped(start, [prog, 16, 30, 150], 8, tmp_path / "userns.ckpt")
     r = ckpt("restore", "--as-caller", image, prefix=[unshare, "-U", "-r"])
     assert r.returncode == ref_status, r
     assert r.stdout.splitlines()[-1] == ref_sum, r

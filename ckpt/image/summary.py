@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from ..errors import printable
 from .model import Image
 from .record import fields, is_record
 
@@ -29,10 +30,10 @@ def summarize(image: Image) -> str:
                              or "- (not signed)") + "  (not verified: see ckpt verify)",
            "",
            "process",
-           f"  pid {p.pid}  comm {_text(p.comm)}",
-           f"  exe       {_text(p.exe)}",
+           f"  pid {p.pid}  comm {printable(p.comm)}",
+           f"  exe       {printable(p.exe)}",
            f"  cmdline   {' '.join(map(_arg, p.cmdline))}",
-           f"  cwd       {_text(p.cwd)}",
+           f"  cwd       {printable(p.cwd)}",
            f"  umask     {p.umask:04o}  personality {p.personality:#x}",
            f"  uid       {' '.join(map(str, c.uids))}  (real effective saved fs)",
            f"  gid       {' '.join(map(str, c.gids))}",
@@ -59,7 +60,7 @@ def summarize(image: Image) -> str:
            f"threads ({len(image.threads)})",
            f"  {'tid':>7}  {'comm':16} {'state':26} {'rip':>18} {'rsp':>18} {'sigmask':>18}"]
     for t in image.threads:
-        out.append(f"  {t.tid:>7}  {_text(t.comm):16} {_where(t.regs):26} {t.regs.rip:#18x} "
+        out.append(f"  {t.tid:>7}  {printable(t.comm):16} {_where(t.regs):26} {t.regs.rip:#18x} "
                    f"{t.regs.rsp:#18x} {t.sigmask:#018x}")
 
     out += ["", f"memory map ({len(image.vmas)} vmas, {saved} pages saved, "
@@ -69,7 +70,7 @@ def summarize(image: Image) -> str:
         name = v.name or (files[v.file].path if v.file in files else "")
         notes = (["growsdown"] if v.growsdown else []) + list(v.advice)
         out.append(f"  {v.start:012x}-{v.end:012x} {v.prot}{'s' if v.shared else 'p'} "
-                   f"{v.offset:08x} {v.pages_saved:>7}  {_text(name)}"
+                   f"{v.offset:08x} {v.pages_saved:>7}  {printable(name)}"
                    + (f"  [{', '.join(notes)}]" if notes else ""))
     out.append(f"  {'total':25} {'':4} {'':>8} {saved:>7}  ({_size(sum(v.size for v in image.vmas))} mapped)")
 
@@ -77,12 +78,12 @@ def summarize(image: Image) -> str:
             f"  {'id':>5} {'kind':4} {'size':>12} {'mtime (UTC)':29}  path"]
     for f in image.files:
         out.append(f"  {f.id:>5} {f.kind:4} {f.size:>12} {_mtime(f.mtime_ns):29}  "
-                   f"{_text(f.path)}" + (f"  build-id {f.build_id.hex()}" if f.build_id else ""))
+                   f"{printable(f.path)}" + (f"  build-id {f.build_id.hex()}" if f.build_id else ""))
 
     out += ["", f"fds ({len(image.fds)})",
             f"  {'fd':>5} {'mode':4} {'pos':>12}  file"]
     for d in image.fds:
-        path = _text(files[d.file].path) if d.file in files else f"file {d.file}?"
+        path = printable(files[d.file].path) if d.file in files else f"file {d.file}?"
         out.append(f"  {d.fd:>5} {d.access:4} {d.pos:>12}  {path}"
                    + (f"  [{', '.join(d.flags)}]" if d.flags else ""))
 
@@ -150,27 +151,9 @@ def _plain(x):
     return x
 
 
-def _text(s: str) -> str:
-    """s with non-printable characters escaped; bytes that were not UTF-8
-    (decoded as surrogates) shown as \\xNN."""
-    if s.isprintable():
-        return s
-    out = []
-    for ch in s:
-        o = ord(ch)
-        if ch.isprintable():
-            out.append(ch)
-        elif 0xDC80 <= o <= 0xDCFF:
-            out.append(f"\\x{o - 0xDC00:02x}")
-        else:
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000
-                       else f"\\U{o:08x}")
-    return "".join(out)
-
-
 def _arg(s: str) -> str:
     """A cmdline argument, quoted when a space or quote would blur it."""
-    s = _text(s)
+    s = printable(s)
     return s if s and not any(c in s for c in " \t'\"") else "'" + s.replace("'", "'\\''") + "'"
 
 
