@@ -32,7 +32,7 @@ const struct abi_ent plan_abi[] = {
 	K(PLAN_MAGIC), K(PLAN_VERSION), K(PLAN_AUXV_WORDS),
 	K(PV_SHARED), K(PV_ANON), K(PV_GROWSDOWN),
 	K(PA_DONTFORK), K(PA_DONTDUMP), K(PA_WIPEONFORK), K(PA_HUGEPAGE),
-	K(PA_NOHUGEPAGE), K(PA_MERGEABLE), K(PT_NEW_TIDS),
+	K(PA_NOHUGEPAGE), K(PA_MERGEABLE), K(PT_NEW_TIDS), K(PR_MAP),
 
 	S(plan_vma),
 	F(plan_vma, start), F(plan_vma, end), F(plan_vma, offset),
@@ -41,6 +41,7 @@ const struct abi_ent plan_abi[] = {
 
 	S(plan_run),
 	F(plan_run, addr), F(plan_run, len), F(plan_run, offset),
+	F(plan_run, flags), F(plan_run, pad),
 
 	S(plan_fd),
 	F(plan_fd, src), F(plan_fd, dst), F(plan_fd, cloexec), F(plan_fd, pad),

@@ -18,7 +18,7 @@ typedef unsigned int u32;
 typedef int s32;
 
 #define PLAN_MAGIC   0x314e414c5054504bULL   /* "KPTPLAN1" little-endian */
-#define PLAN_VERSION 1
+#define PLAN_VERSION 2
 
 /* plan_vma.flags */
 #define PV_SHARED     0x1     /* MAP_SHARED, else MAP_PRIVATE */
@@ -44,9 +44,17 @@ struct plan_vma {
 	u32 nr_runs;
 };
 
-/* Fill [addr, addr + len) with len bytes of the image at image offset. */
+/* plan_run.flags */
+#define PR_MAP        0x1     /* map, don't copy: see struct plan_run */
+
+/* Fill [addr, addr + len) with len bytes of the image at image offset:
+   pread into place, or with PR_MAP mmap(addr, len, vma prot, MAP_PRIVATE |
+   MAP_FIXED, image_fd, offset) over the VMA (mapped restore: addr, len and
+   offset page aligned; the VMA private, not growsdown). */
 struct plan_run {
 	u64 addr, len, offset;
+	u32 flags;             /* PR_* */
+	u32 pad;
 };
 
 /* dup3(src, dst, cloexec ? O_CLOEXEC : 0) */
@@ -153,7 +161,8 @@ struct plan_header {
 	   block is unmapped (the launcher disappears). */
 	u64 task_top;
 
-	u32 image_fd;                    /* page data is pread from here */
+	u32 image_fd;                    /* page data is pread (or mapped,
+	                                    PR_MAP) from here */
 	u32 fd_base;                     /* all launcher fds the plan uses are
 	                                    >= fd_base; [3, fd_base) is closed
 	                                    before fds are installed and

@@ -11,7 +11,8 @@
  *   2 unregister rseq  the launcher's (glibc's) rseq area
  *   3 unmap launcher   everything below task_top but the stub and the vdso
  *   4 move vdso        [vvar][vvar_vclock][vdso] in one mremap, via park
- *   5 map memory       mmap every VMA, pread its runs, mprotect, madvise
+ *   5 map memory       mmap every VMA, pread its runs (or map them from
+ *                      the image: PR_MAP), mprotect, madvise
  *   6 set mm           prctl(PR_SET_MM, PR_SET_MM_MAP)
  *   7 install fds      close [3, fd_base), dup3 the plan's, close the rest
  *   8 process state    sigactions (not yet the fault signals), rlimits,
@@ -218,6 +219,19 @@ static void fill(const struct plan_run *run)
 	}
 }
 
+/* Mapped restore: the run's pages become a private mapping of the image
+   (the VMA is already mapped: MAP_FIXED replaces that part of it). */
+static void map_run(const struct plan_run *run, u32 prot)
+{
+	long r;
+
+	r = sys6(__NR_mmap, (long)run->addr, (long)run->len, prot,
+		 MAP_PRIVATE | MAP_FIXED, (long)P->image_fd, (long)run->offset);
+	check(r, "mmap (page data from the image)", run->addr);
+	if ((u64)r != run->addr)
+		fail("mmap placed page data elsewhere", run->addr, 0);
+}
+
 static void advise(const struct plan_vma *v)
 {
 	static const struct { u32 bit, advice, hint; } tab[] = {
@@ -254,10 +268,16 @@ static void map_memory(void)
 	set_step(5, "map memory");
 	for (i = 0; i < P->nr_vmas; i++) {
 		const struct plan_vma *v = &vmas[i];
-		u32 prot = v->prot | (v->nr_runs ? PROT_WRITE : 0);
-		u32 flags = MAP_FIXED_NOREPLACE;
+		const struct plan_run *vr = &runs[v->first_run];
+		u32 prot = v->prot, flags = MAP_FIXED_NOREPLACE;
 		int anon = v->flags & PV_ANON;
 		long r;
+
+		/* Writable while runs are copied in; mapped runs get the
+		   final prot at once. */
+		for (j = 0; j < v->nr_runs; j++)
+			if (!(vr[j].flags & PR_MAP))
+				prot |= PROT_WRITE;
 
 		flags |= (v->flags & PV_SHARED) ? MAP_SHARED : MAP_PRIVATE;
 		if (anon)
@@ -270,8 +290,12 @@ static void map_memory(void)
 		check(r, anon ? "mmap (anonymous)" : "mmap (file)", v->start);
 		if ((u64)r != v->start)
 			fail("mmap placed the mapping elsewhere", v->start, 0);
-		for (j = 0; j < v->nr_runs; j++)
-			fill(&runs[v->first_run + j]);
+		for (j = 0; j < v->nr_runs; j++) {
+			if (vr[j].flags & PR_MAP)
+				map_run(&vr[j], v->prot);
+			else
+				fill(&vr[j]);
+		}
 		if (prot != v->prot)
 			check(sys3(__NR_mprotect, (long)v->start,
 				   (long)(v->end - v->start), v->prot),

@@ -45,16 +45,16 @@ def high_fd(fd):
     return n
 
 class Image:
-    """Page data: a temp file the stub preads from."""
-    def __init__(self):
-        self.f = tempfile.TemporaryFile()
+    """Page data: a temp file (or `path`) the stub preads from."""
+    def __init__(self, path=None):
+        self.f = open(path, "w+b") if path else tempfile.TemporaryFile()
         self.fd = high_fd(os.dup(self.f.fileno()))
         self.off = 0
-    def run(self, addr, data):
+    def run(self, addr, data, flags=0):
         data = bytes(data)
         pad = (-len(data)) % 4096
         os.pwrite(self.fd, data + bytes(pad), self.off)
-        run = (addr, len(data), self.off)
+        run = (addr, len(data), self.off) + ((flags,) if flags else ())
         self.off += len(data) + pad
         return run
 
@@ -413,6 +413,57 @@ def test_handover_several_threads(gadgets):
     assert r.returncode == 43, _line(r)
 
 
+def test_handover_runs_mapped_from_the_image(tmp_path):
+    # PR_MAP runs: pages 1-2 of an anonymous RW VMA, all of a read-only
+    # one, and page 1 of a private file mapping (page 0 stays the file's)
+    # become private mappings of the image file at the runs' offsets,
+    # with the VMA's prot. The code prints /proc/self/maps, then exits
+    # with the sum of the first word of every page (a zero page adds 0)
+    # after writing 100 into a mapped page (copy-on-write: the image
+    # keeps its 11).
+    body = f"""
+image = Image({str(tmp_path / "image")!r})
+M, R, F = 0x10600000, 0x10700000, 0x10800000
+page = lambda v: p32(v) + bytes(4092)
+ld = lambda op, a: op + b"\\x1c\\x25" + p32(a)
+code = (cat(DATA)
+        + b"\\xc7\\x04\\x25" + p32(M + 0x1000) + p32(100)   # movl $100,M+0x1000
+        + ld(b"\\x8b", M) + ld(b"\\x03", M + 0x1000) + ld(b"\\x03", M + 0x2000)
+        + ld(b"\\x03", M + 0x3000) + ld(b"\\x03", R) + ld(b"\\x03", F)
+        + ld(b"\\x03", F + 0x1000) + b"\\x89\\xdf" + EXIT_EDI)
+lib = open({str(tmp_path / "lib")!r}, "w+b"); lib.write(page(3) + page(4)); lib.flush()
+libfd = high_fd(os.dup(lib.fileno()))
+vmas = (PlanVma(M, M + 0x4000, 0, -1, PROT_READ | PROT_WRITE, PV_ANON, 0,
+                (image.run(M + 0x1000, page(11) + page(22), PR_MAP),)),
+        PlanVma(R, R + 0x1000, 0, -1, PROT_READ, PV_ANON, 0,
+                (image.run(R, page(9), PR_MAP),)),
+        PlanVma(F, F + 0x2000, 0, libfd, PROT_READ, 0, 0,
+                (image.run(F + 0x1000, page(5), PR_MAP),)))
+print(os.fstat(image.fd).st_ino, os.fstat(libfd).st_ino, flush=True)
+go(code, b"/proc/self/maps\\0", image=image, extra_vmas=vmas)
+"""
+    r = run_child(body)
+    assert r.returncode == 11 + 22 - 11 + 100 + 9 + 3 + 5, (r.returncode, _line(r))
+    first, rest = r.stdout.split(b"\n", 1)
+    ino, lib_ino = map(int, first.split())
+    maps = {}
+    for line in rest.decode().splitlines():
+        parts = line.split(None, 5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        maps[lo, hi] = (parts[1], int(parts[2], 16), int(parts[4]))
+    image_bytes = (tmp_path / "image").read_bytes()
+    # Where the runs are in the image (each page's first word is unique).
+    off = {v: image_bytes.find(struct.pack("<I", v) + bytes(4092)) for v in (11, 9, 5)}
+    assert all(o >= 0 and o % 4096 == 0 for o in off.values()), off
+    assert maps[0x10600000, 0x10601000] == ("rw-p", 0, 0), maps
+    assert maps[0x10601000, 0x10603000] == ("rw-p", off[11], ino), maps
+    assert maps[0x10603000, 0x10604000] == ("rw-p", 0, 0), maps
+    assert maps[0x10700000, 0x10701000] == ("r--p", off[9], ino), maps
+    assert maps[0x10800000, 0x10801000] == ("r--p", 0, lib_ino), maps
+    assert maps[0x10801000, 0x10802000] == ("r--p", off[5], ino), maps
+    assert image_bytes[off[11]:off[11] + 4] == struct.pack("<I", 11)    # not written through
+
+
 # -- failures after the point of no return ------------------------------------
 
 FAIL_PREFIX = "ckpt: restore failed after the point of no return: "
@@ -494,7 +545,7 @@ def test_plan_abi_matches_encoder_and_blob_has_no_relocations():
     from ckpt.restore.sigframe import GENERAL_REGS, build_sigframe
 
     abi = _stub.PLAN_ABI
-    for name in ("PLAN_MAGIC", "PLAN_VERSION", "PLAN_AUXV_WORDS", "PV_SHARED",
+    for name in ("PLAN_MAGIC", "PLAN_VERSION", "PLAN_AUXV_WORDS", "PV_SHARED", "PR_MAP",
                  "PV_ANON", "PV_GROWSDOWN", "PA_DONTFORK", "PA_DONTDUMP",
                  "PA_WIPEONFORK", "PA_HUGEPAGE", "PA_NOHUGEPAGE", "PA_MERGEABLE"):
         assert abi["consts"][name] == getattr(P, name), name

@@ -30,6 +30,9 @@ PV_SHARED = 0x1
 PV_ANON = 0x2
 PV_GROWSDOWN = 0x4
 
+# plan_run.flags (plan.h PR_*)
+PR_MAP = 0x1                # map the run from the image (mapped restore)
+
 # plan_vma.advice (plan.h PA_*), and the image's names for them
 PA_DONTFORK = 0x1
 PA_DONTDUMP = 0x2
@@ -44,7 +47,7 @@ ADVICE_BITS = {
 }
 
 PLAN_MAGIC = 0x314E414C5054504B      # "KPTPLAN1"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 PLAN_AUXV_WORDS = 128
 RSEQ_SIG = 0x53053053
 SS_ONSTACK = 1
@@ -72,7 +75,8 @@ class PlanVma:
     prot: int                   # final PROT_*
     flags: int                  # PV_*
     advice: int                 # PA_*
-    runs: tuple[tuple[int, int, int], ...] = ()   # (addr, length, image offset)
+    # (addr, length, image offset) or (addr, length, image offset, PR_*)
+    runs: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,9 +232,16 @@ def _check(plan: Plan, *, stub_start: int, stub_len: int, vdso_cur: int,
                 raise _bug(f"{where} is anonymous but has fd {v.fd}")
         elif v.fd < plan.fd_base or v.offset % PAGE or v.offset < 0:
             raise _bug(f"{where} fd {v.fd} / offset {v.offset:#x} invalid")
-        for addr, length, off in v.runs:
+        for addr, length, off, *rest in v.runs:
             if length <= 0 or addr < v.start or addr + length > v.end or off < 0:
                 raise _bug(f"{where} page run {addr:#x}+{length:#x} outside it")
+            flags = rest[0] if rest else 0
+            if flags & ~PR_MAP:
+                raise _bug(f"{where} page run flags {flags:#x}")
+            if flags & PR_MAP and ((addr | length | off) % PAGE
+                                   or v.flags & (PV_SHARED | PV_GROWSDOWN)):
+                raise _bug(f"{where} page run {addr:#x}+{length:#x} at {off:#x} "
+                           "can't be mapped (unaligned, or a shared or stack VMA)")
     dsts = set()
     for f in plan.fds:
         if f.src < plan.fd_base or not 0 <= f.dst < plan.fd_base or f.dst in dsts:
@@ -282,8 +293,9 @@ def encode(plan: Plan, *, stub_start: int, stub_len: int,
            task_top=task_top)
     L = _Layout(_abi())
     c = L.consts
-    if (c["PLAN_MAGIC"], c["PLAN_VERSION"], c["PLAN_AUXV_WORDS"], c["PT_NEW_TIDS"]) != \
-            (PLAN_MAGIC, PLAN_VERSION, PLAN_AUXV_WORDS, PT_NEW_TIDS):
+    if (c["PLAN_MAGIC"], c["PLAN_VERSION"], c["PLAN_AUXV_WORDS"], c["PT_NEW_TIDS"],
+            c.get("PR_MAP")) != (PLAN_MAGIC, PLAN_VERSION, PLAN_AUXV_WORDS, PT_NEW_TIDS,
+                                 PR_MAP):
         raise _bug("plan.py constants differ from plan.h (rebuild the stub)")
 
     runs = [r for v in plan.vmas for r in v.runs]
@@ -373,11 +385,12 @@ def encode(plan: Plan, *, stub_start: int, stub_len: int,
             put(buf, base, "plan_vma", name, value)
         first += len(v.runs)
     sz = L.size("plan_run")
-    for i, (addr, length, off) in enumerate(runs):
+    for i, (addr, length, off, *rest) in enumerate(runs):
         base = offs["runs_off"] + i * sz
         put(buf, base, "plan_run", "addr", addr)
         put(buf, base, "plan_run", "len", length)
         put(buf, base, "plan_run", "offset", off)
+        put(buf, base, "plan_run", "flags", rest[0] if rest else 0)
     sz = L.size("plan_fd")
     for i, f in enumerate(plan.fds):
         base = offs["fds_off"] + i * sz
@@ -442,7 +455,7 @@ def plan_struct_sizes() -> dict[str, int]:
 
 __all__ = [
     "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC", "PV_SHARED", "PV_ANON",
-    "PV_GROWSDOWN", "PA_DONTFORK", "PA_DONTDUMP", "PA_WIPEONFORK",
+    "PV_GROWSDOWN", "PR_MAP", "PA_DONTFORK", "PA_DONTDUMP", "PA_WIPEONFORK",
     "PA_HUGEPAGE", "PA_NOHUGEPAGE", "PA_MERGEABLE", "ADVICE_BITS",
     "PlanVma", "PlanFd", "PlanThread", "PlanTimer", "Plan", "encode", "prot_bits",
     "MM_FIELDS", "RSEQ_SIG", "SS_DISABLE", "THREAD_BLOCK",
