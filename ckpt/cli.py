@@ -67,7 +67,10 @@ def dump(pid: int, output: str, kill: bool, progress: bool | None,
 @click.option("--restore-creds", is_flag=True, envvar="CKPT_RESTORE_CREDS",
               help="Switch to the image's uids/gids/groups (the kernel decides "
                    "whether you may).")
-def restore(image: str, as_caller: bool, restore_creds: bool) -> None:
+@click.option("--mapped", is_flag=True, envvar="CKPT_MAPPED",
+              help="Map the saved memory from IMAGE instead of copying it: fast "
+                   "whatever its size (see above).")
+def restore(image: str, as_caller: bool, restore_creds: bool, mapped: bool) -> None:
     """Become the process saved in IMAGE (same PID as this command).
 
     Everything is checked first (the image, this kernel, every file it maps
@@ -76,9 +79,25 @@ def restore(image: str, as_caller: bool, restore_creds: bool) -> None:
     are yours, as with any exec. The restored process never has more than
     your credentials: an image saved by another user is refused unless you
     choose --as-caller or --restore-creds.
+
+    \b
+    --mapped (or CKPT_MAPPED=1 in the environment, which ./app.ckpt reads
+    too): the saved memory becomes a private mapping of IMAGE, read on first
+    touch, copied on first write. Restore then takes milliseconds whatever
+    the image's size, but:
+      - IMAGE must be owned by you or root and not group/other-writable
+        (a later write to it would show in pages the program has not
+        written); otherwise refused;
+      - page data is not hashed before the restore (records still are),
+        unless the policy requires a signature;
+      - MADV_DONTNEED/MADV_FREE on that memory brings back the image's
+        bytes, not zeros (allocators such as jemalloc assume zeros), and
+        /proc/PID/maps names IMAGE for it;
+      - a later dump of the restored process refers to IMAGE for the
+        pages it has not written: keep IMAGE while such a dump lives.
     """
     from .restore import restore as do_restore
-    do_restore(image, as_caller=as_caller, restore_creds=restore_creds)
+    do_restore(image, as_caller=as_caller, restore_creds=restore_creds, mapped=mapped)
 
 
 @cli.command(epilog=EPILOG)

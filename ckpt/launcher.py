@@ -3,7 +3,7 @@
 The kernel runs `ckpt-launcher IMAGE [ARGS...]` (flags "": no argv[0]); the
 image's program keeps its own argv from memory, so ARGS are ignored. Options
 come from the environment, since argv belongs to the program:
-CKPT_AS_CALLER=1, CKPT_RESTORE_CREDS=1. Same rules as `ckpt restore`: all
+CKPT_AS_CALLER=1, CKPT_RESTORE_CREDS=1, CKPT_MAPPED=1. Same rules as `ckpt restore`: all
 checks before the point of no return, one line and a status on failure.
 
 Start-up matters here (warm start): `ckpt binfmt register` writes a small
@@ -37,5 +37,5 @@ def main() -> None:
                             "ckpt images: ./app.ckpt (or ckpt-launcher IMAGE)")
         from .restore import restore
         restore(sys.argv[1], as_caller=_flag("CKPT_AS_CALLER"),
-                restore_creds=_flag("CKPT_RESTORE_CREDS"))
+                restore_creds=_flag("CKPT_RESTORE_CREDS"), mapped=_flag("CKPT_MAPPED"))
     run_guarded(body)

@@ -8,6 +8,13 @@ of no return). Everything before launch() fails with one line and a
 status; this module never imports the dumper, click, elftools or (for an
 unsigned image no policy asks to be signed) cryptography: restore starts
 fast. `ckpt verify` runs the same steps (ckpt.verify) without the last two.
+
+Mapped restore (`mapped=True`: `ckpt restore --mapped`, CKPT_MAPPED=1): the
+stub maps page data from the image file (MAP_PRIVATE) instead of copying
+it, so restore time does not grow with the image. Only for an image file
+nobody but its owner (you or root) can change (check_mappable), and the
+page data is not hashed first unless the policy requires a signature: like
+an mmap'd executable, it is trusted to the filesystem from then on.
 """
 from __future__ import annotations
 
@@ -32,11 +39,15 @@ from .stub import launch
 
 
 def restore(path: str, *, as_caller: bool = False,
-            restore_creds: bool = False) -> NoReturn:
+            restore_creds: bool = False, mapped: bool = False) -> NoReturn:
     policy = load_policy()
     check_caller(policy)
     image_fd = open_image(path)
-    image = load_image(image_fd, path, policy)
+    if mapped:
+        check_mappable(image_fd, path)
+    # A signature covers the page data: when one is required, check it all.
+    image = load_image(image_fd, path, policy,
+                       verify_pages=not mapped or policy.require_signature)
     check_host(image)
     check_creds(image, policy, as_caller=as_caller, restore_creds=restore_creds)
     files = open_files(image)
@@ -45,7 +56,7 @@ def restore(path: str, *, as_caller: bool = False,
     except OSError as e:
         raise CkptError(Status.FILE_CHANGED,
                         f"working directory {image.process.cwd}: {e.strerror.lower()}")
-    plan = build_plan(image, files, image_fd)
+    plan = build_plan(image, files, image_fd, mapped=mapped)
     launch(plan, avoid=[(v.start, v.end) for v in image.vmas])
 
 
@@ -61,14 +72,39 @@ def open_image(path: str) -> int:
     return image_fd
 
 
+def check_mappable(image_fd: int, name: str) -> None:
+    """Mapped restore makes the restored memory a private mapping of the
+    image: a later write to the file shows in every page the process has
+    not written itself. So map only a file no one else can change: owned
+    by the caller (euid) or root, with no group or other write bit (an ACL
+    granting write to anyone else shows as the group write bit). ckpt
+    itself writes images by rename, never in place."""
+    st = os.fstat(image_fd)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise CkptError(Status.USAGE, f"{name}: mapped restore needs an image owned by "
+                        f"you or root (this one is uid {st.st_uid}'s, who could change it "
+                        "under the restored process); copy it, or restore without --mapped")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CkptError(Status.USAGE, f"{name}: mapped restore needs an image only its "
+                        f"owner can write (mode {stat.S_IMODE(st.st_mode):04o}); "
+                        "chmod go-w it, or restore without --mapped")
+
+
 def load_image(image_fd: int, name: str, policy: Policy, *,
-               signed_by: list | None = None) -> Image:
+               signed_by: list | None = None, verify_pages: bool = True) -> Image:
     """Read, authenticate and validate the image open at image_fd.
 
     One open file for validation and for the stub's preads: what was
     checked is what gets restored, even if the path is replaced meanwhile.
     `signed_by`, if given, receives the keys whose signatures verified.
+    verify_pages=False skips hashing the page data (mapped restore; the
+    records are still checked, the trailer's length and magic too); then
+    no signature is checked either, so a policy requiring one must not
+    ask for it.
     """
+    if not verify_pages and policy.require_signature:
+        raise CkptError(Status.INTERNAL, "a signature is required: page data must be "
+                        "verified")
     check_image_size(policy, os.fstat(image_fd).st_size, name)
     if policy.require_signature and _unsigned(image_fd):
         raise CkptError(Status.SIGNATURE, f"{name}: the image is not signed, and "
@@ -85,7 +121,8 @@ def load_image(image_fd: int, name: str, policy: Policy, *,
             signed_by.extend(good)
 
     with os.fdopen(os.dup(image_fd), "rb") as f:
-        image = read_image(f, name=name, authenticate=authenticate)
+        image = read_image(f, name=name, authenticate=authenticate,
+                           verify_pages=verify_pages)
     validate_image(image, name=name)
     return image
 

@@ -2,7 +2,9 @@
 
 Everything the stub needs is computed here, before the point of no return:
 fd numbers, page-data offsets, signal frames, clamped rlimits, and the two
-gadgets that let the stub unmap itself on the way out.
+gadgets that let the stub unmap itself on the way out. With `mapped`, the
+runs of the VMAs that can take it are marked PR_MAP: the stub maps them
+from the image instead of copying them (mapped restore, see _mapped_vmas).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import resource
 from ..errors import CkptError, Status
 from ..image.model import GENERAL_REGS, RLIM_INFINITY, Image, Vma
 from .files import OpenFiles
-from .plan import (ADVICE_BITS, MM_FIELDS, PV_ANON, PV_GROWSDOWN, PV_SHARED,
+from .plan import (ADVICE_BITS, MM_FIELDS, PR_MAP, PV_ANON, PV_GROWSDOWN, PV_SHARED,
                    Plan, PlanFd, PlanThread, PlanTimer, PlanVma, prot_bits)
 from .sigframe import build_sigframe
 
@@ -25,11 +27,15 @@ SYSCALL_RET = b"\x0f\x05\xc3"                            # syscall; ret
 RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"     # mov $15,%rax; syscall
 GADGET_SCAN_LIMIT = 16 << 20
 CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 21, 40
+MAP_COUNT_RESERVE = 64          # mappings left for the program itself
 
 
-def build_plan(image: Image, files: OpenFiles, image_fd: int) -> Plan:
+def build_plan(image: Image, files: OpenFiles, image_fd: int, *,
+               mapped: bool = False) -> Plan:
     """CKPT_NEW_TIDS=1 in the environment: give the threads new ids even
-    where the saved ones could be had (tests use it for the fix-ups)."""
+    where the saved ones could be had (tests use it for the fix-ups).
+    mapped: map page data from image_fd (the caller checked the file can
+    be trusted not to change, restore.check_mappable)."""
     proc = image.process
     fd_base = max([2] + [fd.fd for fd in image.fds]) + 1
     moved: dict[int, int] = {}
@@ -40,9 +46,10 @@ def build_plan(image: Image, files: OpenFiles, image_fd: int) -> Plan:
             moved[fd] = os.dup2(fd, _free_fd(fd_base, moved), inheritable=False)
         return moved[fd]
 
+    to_map = _mapped_vmas(image, image_fd) if mapped else set()
     vmas = tuple(_plan_vma(v, high(files.mapped[v.file]) if v.kind == "file" else -1,
-                           image.pages_offset)
-                 for v in image.vmas if v.kind != "special")
+                           image.pages_offset, n in to_map)
+                 for n, v in enumerate(image.vmas) if v.kind != "special")
     fds = tuple(PlanFd(high(files.held[fd.fd]), fd.fd, "cloexec" in fd.flags)
                 for fd in image.fds if fd.fd in files.held)
     dst, length = vdso_block(image.vmas)
@@ -97,7 +104,37 @@ def _free_fd(base: int, moved: dict[int, int]) -> int:
             return fd
 
 
-def _plan_vma(v: Vma, fd: int, pages_offset: int) -> PlanVma:
+def _mapped_vmas(image: Image, image_fd: int) -> set[int]:
+    """Indices (in image.vmas) of the VMAs whose runs are mapped from the image.
+
+    Not a shared VMA (its pages must stay shared with later children), not
+    the growsdown stack (a file mapping at its bottom could not grow, and
+    /proc/PID/maps would no longer call it [stack]; it is small anyway),
+    not a MADV_WIPEONFORK one (anonymous only), and not an executable one
+    when the image's filesystem is mounted noexec (mmap would refuse
+    PROT_EXEC after the point of no return). Each mapped run splits its
+    VMA: when that would pass vm.max_map_count, the VMAs with the most
+    runs are copied instead."""
+    noexec = bool(os.fstatvfs(image_fd).f_flag & os.ST_NOEXEC)
+    cand = sorted((len(v.runs), n) for n, v in enumerate(image.vmas)
+                  if v.runs and v.kind != "special" and not v.shared and not v.growsdown
+                  and "wipeonfork" not in v.advice and not (noexec and "x" in v.prot))
+    budget = _max_map_count() - len(image.vmas) - MAP_COUNT_RESERVE
+    extra = sum(2 * runs for runs, _ in cand)
+    while cand and extra > budget:
+        extra -= 2 * cand.pop()[0]
+    return {n for _, n in cand}
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+def _plan_vma(v: Vma, fd: int, pages_offset: int, mapped: bool = False) -> PlanVma:
     flags = (PV_SHARED if v.shared else 0) | (PV_ANON if v.kind == "anon" else 0) | (
         PV_GROWSDOWN if v.growsdown else 0)
     advice = 0
@@ -105,8 +142,8 @@ def _plan_vma(v: Vma, fd: int, pages_offset: int) -> PlanVma:
         advice |= ADVICE_BITS.get(name, 0)
     return PlanVma(v.start, v.end, v.offset if v.kind == "file" else 0, fd,
                    prot_bits(v.prot), flags, advice,
-                   tuple((r.addr, r.count * 4096, pages_offset + r.data_offset)
-                         for r in v.runs))
+                   tuple((r.addr, r.count * 4096, pages_offset + r.data_offset,
+                          PR_MAP if mapped else 0) for r in v.runs))
 
 
 def _plan_thread(t) -> PlanThread:
