@@ -84,6 +84,8 @@ for cls in ("Tracee", "Output"):
         if c is not None and name in c.__dict__:
             wrap(c, name, f"{cls}.{name}")
 wrap(os, "pread", "os.pread (page data)", acc=True)
+if isinstance(getattr(D.memory, "_Reader", None), type):
+    wrap(D.memory._Reader, "read", "page reads (batched, in the page thread)", acc=True)
 try:
     from ckpt.image import writer as W
     wrap(W._Sink, "write", "image write()", acc=True)

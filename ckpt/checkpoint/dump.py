@@ -350,7 +350,9 @@ class Output:
     def __init__(self, path: str):
         self.path, self.tmp = path, None
         if path == "-":
-            self.file = sys.stdout.buffer
+            sys.stdout.flush()
+            self.file = os.fdopen(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
+            _grow_pipe(self.file.fileno())
             return
         directory, base = os.path.split(os.path.abspath(path))
         self.tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
@@ -380,6 +382,30 @@ class Output:
             except FileNotFoundError:
                 pass
             self.tmp = None
+
+
+PIPE_SIZE = 1 << 20
+
+
+def _grow_pipe(fd: int) -> None:
+    """A pipe holds 64 KiB by default: each 4 MiB write would wait for the
+    reader 64 times. Make it PIPE_SIZE (or the system's limit for
+    unprivileged users, /proc/sys/fs/pipe-max-size); not a pipe, or not
+    allowed (pipe-user-pages-soft): leave it."""
+    import fcntl
+    import stat
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        try:
+            with open("/proc/sys/fs/pipe-max-size") as f:
+                limit = int(f.read())
+        except (OSError, ValueError):
+            limit = PIPE_SIZE
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < min(PIPE_SIZE, limit):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(PIPE_SIZE, limit))
+    except OSError:
+        pass
 
 
 class _Progress:

@@ -1,9 +1,15 @@
 """write_image: serialise an Image and its page data as one front-to-back stream.
 
 No seek, no tell: the output may be a pipe. Header and records are small and
-go out in one write; page chunks are passed straight through.
+go out in one write; page chunks are passed straight through: fetched and
+hashed in a second thread while the calling thread writes the previous ones.
+That thread exists only during write_image, which only the dumper calls (the
+restore launcher must stay single-threaded).
 """
 from __future__ import annotations
+
+import queue
+import threading
 
 import msgpack
 
@@ -18,7 +24,9 @@ def write_image(out, image: Image, pages, *, sign=None) -> int:
 
     `pages` is an iterable of bytes-like chunks (any chunking) whose
     concatenation is the saved pages, VMA by VMA in image order and run by run
-    within each VMA. data_offset, pages_offset, pages_length and extra are
+    within each VMA. They are fetched and hashed in another thread, up to
+    three chunks ahead of the write: a producer may reuse a ring of three
+    buffers (chunk n is asked for once chunk n - 3 is written). data_offset, pages_offset, pages_length and extra are
     derived or ignored. A bad image or a wrong amount of page data is a bug in
     the caller: CkptError(INTERNAL). Write errors: CkptError(OUTPUT). After
     any error the stream has no trailer, so no reader will accept it.
@@ -42,20 +50,23 @@ def write_image(out, image: Image, pages, *, sign=None) -> int:
     sink = _Sink(out, name if isinstance(name, str) else "<stream>")
     sink.write(head + records + padding)
     hasher = fmt.image_hasher(head[fmt.CHECKSUM_OFFSET:])
+    fetcher = _Fetcher(pages, hasher)
     written = 0
-    for chunk in pages:
-        view = memoryview(chunk).cast("B")
-        written += view.nbytes
-        if written > pages_length:
-            break                        # don't write a byte past the promise
-        hasher.update(view)
-        sink.write(view)
+    try:
+        for view in fetcher:
+            written += view.nbytes
+            if written > pages_length:
+                break                        # don't write a byte past the promise
+            sink.write(view)
+    finally:
+        fetcher.stop()
+    digest = hasher.digest()
     if written != pages_length:
         amount = "more than" if written > pages_length else "only"
         raise CkptError(Status.INTERNAL, f"page data is {amount} {written} bytes; "
                         f"the vmas' runs need {pages_length}")
     trailer = fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + pages_length + fmt.TRAILER_SIZE,
-                               hasher.digest())
+                               digest)
     sink.write(trailer)
     if sign is not None:
         sink.write(sign(trailer))
@@ -95,3 +106,63 @@ class _Sink:
         except OSError as e:
             raise CkptError(Status.OUTPUT, f"{self.name}: cannot write image: "
                             f"{e.strerror or e}") from None
+
+
+
+class _Fetcher:
+    """Iterates over `pages` and hashes each chunk in a second thread, up to
+    DEPTH chunks ahead of the caller, who writes them: reading the target's
+    memory and hashing it overlap with writing the image (ctypes calls,
+    blake3 and write(2) all release the GIL).
+
+    A chunk is handed over once hashed; the caller is done with it when it
+    asks for the next one. The thread asks `pages` for chunk n only once
+    chunk n - DEPTH has been handed back, so a producer may reuse a ring
+    of DEPTH buffers."""
+
+    DEPTH = 3
+    _END = object()
+
+    def __init__(self, pages, hasher):
+        self.pages, self.hasher = iter(pages), hasher
+        self.slots = threading.Semaphore(self.DEPTH)
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="ckpt-pages", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self.slots.acquire()
+                if self.stopped:
+                    return
+                chunk = next(self.pages, self._END)
+                if chunk is self._END:
+                    self.ready.put(self._END)
+                    return
+                view = memoryview(chunk).cast("B")
+                self.hasher.update(view)
+                self.ready.put(view)
+        except BaseException as e:      # noqa: BLE001 -- raised again in the caller
+            self.ready.put(e)
+        finally:
+            close = getattr(self.pages, "close", None)
+            if close is not None:
+                close()                 # a generator's cleanup, in this thread
+
+    def __iter__(self):
+        while True:
+            item = self.ready.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            self.slots.release()
+
+    def stop(self) -> None:
+        """Let the thread go (after the end, an error, or a break) and wait for it."""
+        self.stopped = True
+        self.slots.release()
+        self.thread.join()
