@@ -22,6 +22,7 @@ from ckpt import sign
 from ckpt.errors import Status
 from conftest import CKPT, CKPT_ENV, ROOT, ckpt, dump, read_lines, wait_lines
 from test_dump_restore import PY_SCRIPT, suffix_start
+from test_threads import _threads8_reference, dumped
 
 
 def first_word() -> bytes:
@@ -162,14 +163,8 @@ def test_64mib_restored_mapped(programs, talkers, tmp_path, how):
 
 def test_threads8_restored_mapped(programs, start, tmp_path):
     prog = programs("threads8")
-    ref = start([prog, 16, 30, 150], name="reference")
-    ref_status = ref.wait()
-    ref_sum = ref.stdout().splitlines()[-1]
-    target = start([prog, 16, 30, 150])
-    wait_lines(target.stdout_path, 8, target=target)
-    image = tmp_path / "threads8.ckpt"
-    dump(target.pid, image)
-    target.kill()
+    ref_status, ref_sum = _threads8_reference(prog, start)
+    image = dumped(start, [prog, 16, 30, 150], 8, tmp_path / "threads8.ckpt")
     r = ckpt("restore", "--mapped", image)
     assert r.returncode == ref_status, r
     assert r.stdout.splitlines()[-1] == ref_sum, r

@@ -189,9 +189,12 @@ def vdso_block(vmas: tuple[Vma, ...]) -> tuple[int, int]:
 def find_gadgets(image: Image, files: OpenFiles) -> tuple[int, int]:
     """Addresses of `syscall; ret` and `__restore_rt` in the target's own
     executable file mappings (read from the files, not from saved pages; the
-    stub checks the bytes again once they are mapped)."""
+    stub checks the bytes again once they are mapped). libc first: it has
+    both (glibc's __restore_rt), so a big executable such as python's is
+    not read and searched in vain (~10 ms)."""
     found = {SYSCALL_RET: 0, RESTORE_RT: 0}
-    for v in image.vmas:
+    libc = {f.id for f in image.files if "/libc.so" in f.path}
+    for v in sorted(image.vmas, key=lambda v: v.file not in libc):
         if v.kind != "file" or "x" not in v.prot or v.runs:
             continue
         data = os.pread(files.mapped[v.file], min(v.size, GADGET_SCAN_LIMIT), v.offset)
