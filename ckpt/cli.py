@@ -85,9 +85,9 @@ def restore(image: str, as_caller: bool, restore_creds: bool, mapped: bool) -> N
     too): the saved memory becomes a private mapping of IMAGE, read on first
     touch, copied on first write. Restore then takes milliseconds whatever
     the image's size, but:
-      - IMAGE must be owned by you or root and not group/other-writable
-        (a later write to it would show in pages the program has not
-        written); otherwise refused;
+      - IMAGE must be owned by you or root, not group/other-writable (a
+        later write to it would show in pages the program has not
+        written) and not on a noexec mount; otherwise refused;
       - page data is not hashed before the restore (records still are),
         unless the policy requires a signature;
       - MADV_DONTNEED/MADV_FREE on that memory brings back the image's

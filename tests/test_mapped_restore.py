@@ -214,6 +214,25 @@ def test_guard_refuses_an_image_others_could_change(programs, talkers, tmp_path)
     assert r.ask(b"v") == b"V"
 
 
+def test_guard_refuses_a_noexec_file_system(programs, talkers, tmp_path):
+    """From a noexec mount the kernel refuses PROT_EXEC on the mappings
+    (and the program's later mprotect to exec): refused before anything
+    happens; a copying restore from there still works. The noexec tmpfs
+    is mounted in a mount namespace of the restore's own."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    image = mapmem_image(programs, talkers, tmp_path / "m.ckpt", 1)
+    mnt = tmp_path / "noexec"
+    mnt.mkdir()
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+              'mount -t tmpfs -o noexec,size=16m ckpt-test "$1" && cp "$2" "$1/" && '
+              'shift 2 && exec "$@"', "sh", str(mnt), str(image)]
+    r = ckpt("restore", "--mapped", mnt / "m.ckpt", prefix=prefix)
+    assert "mounted without noexec" in one_line(r, Status.USAGE)
+    r = ckpt("restore", mnt / "m.ckpt", prefix=prefix)    # stdin at EOF: exits 0
+    assert (r.returncode, r.stderr) == (0, ""), r
+
+
 def test_tampered_page_data(programs, talkers, tmp_path):
     """Mapped restore does not hash page data, unless a signature is
     required: then a changed page is caught as before."""

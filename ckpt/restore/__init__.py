@@ -78,7 +78,9 @@ def check_mappable(image_fd: int, name: str) -> None:
     not written itself. So map only a file no one else can change: owned
     by the caller (euid) or root, with no group or other write bit (an ACL
     granting write to anyone else shows as the group write bit). ckpt
-    itself writes images by rename, never in place."""
+    itself writes images by rename, never in place. And not from a noexec
+    file system: the kernel would refuse PROT_EXEC on those mappings, then
+    and whenever the program mprotect()s them later (a JIT)."""
     st = os.fstat(image_fd)
     if st.st_uid not in (os.geteuid(), 0):
         raise CkptError(Status.USAGE, f"{name}: mapped restore needs an image owned by "
@@ -88,6 +90,10 @@ def check_mappable(image_fd: int, name: str) -> None:
         raise CkptError(Status.USAGE, f"{name}: mapped restore needs an image only its "
                         f"owner can write (mode {stat.S_IMODE(st.st_mode):04o}); "
                         "chmod go-w it, or restore without --mapped")
+    if os.fstatvfs(image_fd).f_flag & os.ST_NOEXEC:
+        raise CkptError(Status.USAGE, f"{name}: mapped restore needs an image on a file "
+                        "system mounted without noexec (the program could not make that "
+                        "memory executable); move it, or restore without --mapped")
 
 
 def load_image(image_fd: int, name: str, policy: Policy, *,

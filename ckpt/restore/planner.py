@@ -46,7 +46,7 @@ def build_plan(image: Image, files: OpenFiles, image_fd: int, *,
             moved[fd] = os.dup2(fd, _free_fd(fd_base, moved), inheritable=False)
         return moved[fd]
 
-    to_map = _mapped_vmas(image, image_fd) if mapped else set()
+    to_map = _mapped_vmas(image) if mapped else set()
     vmas = tuple(_plan_vma(v, high(files.mapped[v.file]) if v.kind == "file" else -1,
                            image.pages_offset, n in to_map)
                  for n, v in enumerate(image.vmas) if v.kind != "special")
@@ -104,21 +104,19 @@ def _free_fd(base: int, moved: dict[int, int]) -> int:
             return fd
 
 
-def _mapped_vmas(image: Image, image_fd: int) -> set[int]:
+def _mapped_vmas(image: Image) -> set[int]:
     """Indices (in image.vmas) of the VMAs whose runs are mapped from the image.
 
     Not a shared VMA (its pages must stay shared with later children), not
     the growsdown stack (a file mapping at its bottom could not grow, and
     /proc/PID/maps would no longer call it [stack]; it is small anyway),
-    not a MADV_WIPEONFORK one (anonymous only), and not an executable one
-    when the image's filesystem is mounted noexec (mmap would refuse
-    PROT_EXEC after the point of no return). Each mapped run splits its
-    VMA: when that would pass vm.max_map_count, the VMAs with the most
-    runs are copied instead."""
-    noexec = bool(os.fstatvfs(image_fd).f_flag & os.ST_NOEXEC)
+    not a MADV_WIPEONFORK one (anonymous only). (An image on a noexec file
+    system is refused before: restore.check_mappable.) Each mapped run
+    splits its VMA: when that would pass vm.max_map_count, the VMAs with
+    the most runs are copied instead."""
     cand = sorted((len(v.runs), n) for n, v in enumerate(image.vmas)
                   if v.runs and v.kind != "special" and not v.shared and not v.growsdown
-                  and "wipeonfork" not in v.advice and not (noexec and "x" in v.prot))
+                  and "wipeonfork" not in v.advice)
     budget = _max_map_count() - len(image.vmas) - MAP_COUNT_RESERVE
     extra = sum(2 * runs for runs, _ in cand)
     while cand and extra > budget:
