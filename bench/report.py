@@ -47,6 +47,10 @@ def _speedup(ceiling, ours):
     return {"best": ceiling["min"] / ours["min"], "median": ceiling["median"] / ours["median"]}
 
 
+WARM = ("cold", "binfmt", "cli", "binfmt_mapped", "cli_mapped")
+RESTORES = ("restore_binfmt", "restore_cli", "restore_binfmt_mapped", "restore_cli_mapped")
+
+
 def summarize(result: dict) -> tuple[dict, list[dict]]:
     summary: dict = {"sizes": []}
     targets: list[dict] = []
@@ -54,7 +58,7 @@ def summarize(result: dict) -> tuple[dict, list[dict]]:
         mib = s["size_mib"]
         row: dict = {"size_mib": mib}
         for k in ("ceiling_write", "ceiling_pipe", "dump_file", "dump_pipe",
-                  "ceiling_touch", "cat_image", "restore_binfmt", "restore_cli"):
+                  "ceiling_touch", "cat_image") + RESTORES:
             samples = s.get(k) or []
             row[k] = {"ns": _stat(_ns(samples)), "gbps": _rate(samples)}
         for k in ("dump_file", "dump_pipe"):
@@ -65,7 +69,7 @@ def summarize(result: dict) -> tuple[dict, list[dict]]:
             row[k]["stopped_share"] = _stat([x["max_gap_ns"] / x["ns"] for x in samples
                                              if "max_gap_ns" in x])
             row[k]["maxrss_kib"] = max((x["maxrss_kib"] for x in samples), default=None)
-        for k in ("restore_binfmt", "restore_cli"):
+        for k in RESTORES:
             samples = s.get(k) or []
             row[k]["verified_ns"] = _stat(_ns(samples, "verified_ns"))
             row[k]["vs_touch"] = _speedup(row["ceiling_touch"]["ns"], row[k]["ns"])
@@ -87,12 +91,14 @@ def summarize(result: dict) -> tuple[dict, list[dict]]:
         if rss:
             targets.append(_target(f"dumper peak RSS, {mib} MiB", max(rss) / 1024, "<=",
                                    64, " MiB"))
-        r = row["restore_binfmt"] if row["restore_binfmt"]["ns"] else row["restore_cli"]
+        # Only a mapped restore can meet these: read them from its row.
+        r = (row["restore_binfmt_mapped"] if row["restore_binfmt_mapped"]["ns"]
+             else row["restore_cli_mapped"])
         if r["ns"] and mib >= 1024:
-            targets.append(_target(f"restore {mib} MiB until answering vs touching it fresh",
+            targets.append(_target(f"mapped restore {mib} MiB until answering vs touching",
                                    r["vs_touch"]["median"], ">=", 1.2, "x",
                                    best=r["vs_touch"]["best"]))
-            targets.append(_target(f"restore {mib} MiB to running (mapped restore)",
+            targets.append(_target(f"mapped restore {mib} MiB to running",
                                    r["ns"]["median"] / 1e6, "<=", 50, " ms",
                                    best=r["ns"]["min"] / 1e6))
 
@@ -112,18 +118,20 @@ def summarize(result: dict) -> tuple[dict, list[dict]]:
 
     summary["warm"] = {}
     for who, w in (result.get("warm") or {}).items():
-        ws = {k: _stat(w.get(k) or []) for k in ("cold", "binfmt", "cli")}
+        ws = {k: _stat(w.get(k) or []) for k in WARM}
         ws["image_bytes"] = w.get("image_bytes")
         ws["dump_ns"] = (w.get("dump") or {}).get("ns")
         ws["dump_maxrss_kib"] = (w.get("dump") or {}).get("maxrss_kib")
-        for k in ("binfmt", "cli"):
+        for k in WARM[1:]:
             ws[f"{k}_speedup"] = _speedup(ws["cold"], ws[k])
         summary["warm"][who] = ws
-        best = "binfmt" if ws["binfmt"] else "cli"
-        if ws[f"{best}_speedup"]:
-            sp = ws[f"{best}_speedup"]
-            targets.append(_target(f"warm-start python ({w.get('who', who)}) vs cold",
-                                   sp["median"], ">=", 10, "x", best=sp["best"]))
+        for kind, (a, b) in (("", ("binfmt", "cli")),
+                             (", mapped", ("binfmt_mapped", "cli_mapped"))):
+            sp = ws[f"{a}_speedup"] or ws[f"{b}_speedup"]
+            if sp:
+                targets.append(_target(f"warm-start python ({w.get('who', who)}{kind}) "
+                                       "vs cold", sp["median"], ">=", 10, "x",
+                                       best=sp["best"]))
     return summary, targets
 
 
@@ -195,7 +203,9 @@ def table(result: dict) -> str:
         for key, label in (("ceiling_touch", "ceiling: touch fresh pages"),
                            ("cat_image", "ceiling: cat image >/dev/null"),
                            ("restore_binfmt", "./img (binfmt) -> answering"),
-                           ("restore_cli", "ckpt restore img -> answering")):
+                           ("restore_cli", "ckpt restore img -> answering"),
+                           ("restore_binfmt_mapped", "./img mapped -> answering"),
+                           ("restore_cli_mapped", "ckpt restore --mapped")):
             d = row[key]
             if not d["ns"]:
                 continue
@@ -227,7 +237,9 @@ def table(result: dict) -> str:
         rows = [["", "min ms", "median ms", "n", "x faster than cold (best / median)"]]
         for key, label in (("cold", "cold start -> answering"),
                            ("binfmt", "./warm.ckpt -> answering"),
-                           ("cli", "ckpt restore warm.ckpt -> answering")):
+                           ("cli", "ckpt restore warm.ckpt -> answering"),
+                           ("binfmt_mapped", "CKPT_MAPPED=1 ./warm.ckpt"),
+                           ("cli_mapped", "ckpt restore --mapped warm.ckpt")):
             d = w.get(key)
             if d:
                 rows.append([label, _ms(d["min"]), _ms(d["median"]), str(d["n"]),

@@ -180,26 +180,35 @@ def dump_pipe(env, pid: int) -> dict:
 
 
 def restore_argv(env, image: str, via: str) -> list[str]:
-    return [image] if via == "binfmt" else env.ckpt + ["restore", image]
+    """via: binfmt (./img), cli (ckpt restore img), binfmt_mapped
+    (CKPT_MAPPED=1 ./img: restore_env) or cli_mapped (ckpt restore --mapped)."""
+    if via.startswith("binfmt"):
+        return [image]
+    return env.ckpt + ["restore"] + (["--mapped"] if via == "cli_mapped" else []) + [image]
+
+
+def restore_env(env, via: str) -> dict:
+    return dict(env.ckpt_env, CKPT_MAPPED="1") if via == "binfmt_mapped" else env.ckpt_env
 
 
 def guarded(env, via: str, fn):
     """Run fn() as is, or for ./img while no newer binfmt entry shadows ours."""
-    return env.binfmt.run(fn) if via == "binfmt" else fn()
+    return env.binfmt.run(fn) if via.startswith("binfmt") else fn()
 
 
 def restore_hold(env, image: str, via: str) -> dict:
     """exec -> 'A' (answering) -> 'V' (every page read back and checked)."""
     res = guarded(env, via, lambda: time_to_bytes(
-        restore_argv(env, image, via), b"av", b"AV", env=env.ckpt_env, timeout=600,
-        errdir=env.shm))
+        restore_argv(env, image, via), b"av", b"AV", env=restore_env(env, via),
+        timeout=600, errdir=env.shm))
     return {"ns": res["marks"][0], "verified_ns": res["marks"][1],
             "exit_ns": res["exit_ns"], "maxrss_kib": res["maxrss_kib"],
             "bytes": os.path.getsize(image)}
 
 
-def restore_vias(env) -> list[str]:
-    return (["binfmt"] if env.binfmt_name else []) + ["cli"]
+def restore_vias(env, mapped: bool = False) -> list[str]:
+    vias = (["binfmt"] if env.binfmt_name else []) + ["cli"]
+    return vias + [f"{v}_mapped" for v in vias] if mapped else vias
 
 
 # -- sections -------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def size_section(env, mib: int, rounds: int, log) -> dict:
         return out
     tasks = {"ceiling_touch": lambda: ceiling_touch(env, mib),
              "cat_image": lambda: cat_file(image)}
-    for via in restore_vias(env):
+    for via in restore_vias(env, mapped=True):
         tasks[f"restore_{via}"] = (lambda v=via: restore_hold(env, image, v))
     samples, errors = interleave(rounds, tasks, log, f"{label} restore")
     out.update(samples)

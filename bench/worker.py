@@ -6,8 +6,11 @@ Starts the warm target (bench/programs/warm.py under Debian's python: a
 heavy stack of imports, then 'R' and an echo loop), dumps it with `ckpt
 dump`, kills it, then times from one image, interleaved:
   binfmt  ./warm.ckpt (exec of the image itself), every round (n rounds)
+  binfmt_mapped  CKPT_MAPPED=1 ./warm.ckpt (mapped restore), every round
   cli     `ckpt restore warm.ckpt`, every 4th round
   cold    the same python started fresh, every 4th round
+(without a binfmt entry: cli and cli_mapped, `ckpt restore --mapped`, every
+round)
 each from exec to the program answering (first byte). Prints JSON on stdout.
 Standard library and bench.proc only (it runs from a world-readable copy).
 """
@@ -30,7 +33,8 @@ def main() -> None:
     d = cfg["dir"]
     image = os.path.join(d, "warm.ckpt")
     target = [cfg["python"], "-I", cfg["warm_py"], *cfg["modules"]]
-    out: dict = {"modules": cfg["modules"], "errors": {}, "cold": [], "binfmt": [], "cli": []}
+    out: dict = {"modules": cfg["modules"], "errors": {}, "cold": [], "binfmt": [], "cli": [],
+                 "binfmt_mapped": [], "cli_mapped": []}
 
     rin, win = os.pipe()
     rout, wout = os.pipe()
@@ -58,8 +62,15 @@ def main() -> None:
     }
     if cfg["binfmt"]:
         watch = BinfmtWatch(**cfg["binfmt"])
+        mapped_env = dict(cfg["ckpt_env"], CKPT_MAPPED="1")
         runs["binfmt"] = lambda: watch.run(lambda: time_to_bytes(
             [image], b"x", b"x", env=cfg["ckpt_env"], errdir=d))
+        runs["binfmt_mapped"] = lambda: watch.run(lambda: time_to_bytes(
+            [image], b"x", b"x", env=mapped_env, errdir=d))
+    else:
+        runs["cli_mapped"] = lambda: time_to_bytes(
+            cfg["ckpt"] + ["restore", "--mapped", image], b"x", b"x",
+            env=cfg["ckpt_env"], errdir=d)
     n = cfg["n"]
     names = list(runs)
     for r in range(-1, n):                  # round -1: warm-up, not counted
@@ -67,7 +78,7 @@ def main() -> None:
         for name in names[k:] + names[:k]:
             if name in out["errors"]:
                 continue
-            if name != "binfmt" and r >= 0 and r % SIDE_EVERY and cfg["binfmt"]:
+            if name in ("cli", "cold") and r >= 0 and r % SIDE_EVERY and cfg["binfmt"]:
                 continue
             try:
                 res = runs[name]()
