@@ -22,7 +22,10 @@ import ctypes
 import os
 import resource
 import stat
-from typing import NoReturn
+
+TYPE_CHECKING = False           # importing typing costs restore's start-up ~4 ms
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 import blake3
 

@@ -14,9 +14,12 @@ can't do (Status.UNSUPPORTED_STATE).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ckpt.errors import CkptError, Status
+from ckpt.image.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 PAGE = 4096
 
@@ -66,7 +69,7 @@ def prot_bits(rwx: str) -> int:
             | (PROT_EXEC if "x" in rwx else 0))
 
 
-@dataclass(frozen=True)
+@record
 class PlanVma:
     start: int
     end: int
@@ -79,14 +82,14 @@ class PlanVma:
     runs: tuple[tuple[int, ...], ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class PlanFd:
     src: int                    # launcher fd, >= fd_base
     dst: int                    # target fd, < fd_base
     cloexec: bool
 
 
-@dataclass(frozen=True)
+@record
 class PlanThread:
     tid: int
     fs_base: int
@@ -108,7 +111,7 @@ class PlanThread:
     nice: int | None = None     # None: keep
 
 
-@dataclass(frozen=True)
+@record
 class PlanTimer:
     id: int
     clock: int
@@ -120,7 +123,7 @@ class PlanTimer:
     value_ns: int
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     image_fd: int
     fd_base: int
