@@ -50,12 +50,13 @@ def test_main_thread_cached_tid(programs, start, tmp_path):
 def test_dump_every_thread(programs, start, tmp_path):
     """All 9 threads are in the image (main first), each with its own
     registers, name and tid address; the target is undisturbed by the
-    dump and finishes with the reference checksum."""
+    dump and finishes with the reference checksum. The producers run for
+    1.2 s, so they are still there when a slow (loaded) dumper gets going."""
     prog = programs("threads8")
-    ref = start([prog, 16, 30, 150], name="reference")
+    ref = start([prog, 40, 30, 150], name="reference")
     ref_status = ref.wait()
     ref_sum = ref.stdout().splitlines()[-1]
-    target = start([prog, 16, 30, 150])
+    target = start([prog, 40, 30, 150])
     wait_lines(target.stdout_path, 6, target=target)
     image = tmp_path / "threads8.ckpt"
     dump(target.pid, image)
