@@ -43,10 +43,12 @@ def dump(pid: int, output: str, kill: bool, progress: bool | None,
          sign_key: str | None) -> None:
     """Save process PID into an image.
 
-    Allowed exactly when you may ptrace PID. The process is stopped only
-    while it is read (it never sees a SIGSTOP) and then goes on, unless
-    --kill. The image is written to a temporary file and renamed into place,
-    so a failed dump leaves nothing that looks like an image. Single-threaded
+    Allowed exactly when you may ptrace PID. The process is stopped (it
+    never sees a SIGSTOP) while its state is read and a copy-on-write copy
+    of its memory is made, then goes on while that copy is written, unless
+    --kill (then it stays stopped until it is killed). The image is written
+    to a temporary file and renamed into place, so a failed dump leaves
+    nothing that looks like an image. Single-threaded
     processes with regular files, directories and /dev/null-like devices
     open are supported; anything else is refused by name.
     """

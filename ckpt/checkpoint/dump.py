@@ -1,10 +1,16 @@
-"""`ckpt dump`: freeze the target, read its state, write the image, let go.
+"""`ckpt dump`: freeze the target, read its state, snapshot its memory, let
+it go, write the image.
 
 Order: refuse what we can't save before touching the target; seize and
 interrupt (no SIGSTOP is ever seen); read registers and /proc; inject the
-few syscalls that read state only visible from inside; write the image to a
-temp file and rename it; detach. Whatever fails, the target is detached and
-keeps running, and no file that looks like an image is left behind.
+few syscalls that read state only visible from inside; inject a clone that
+gives a frozen copy-on-write copy of its memory (_Snapshot) and let the
+target go on; write the image from that copy to a temp file and rename it;
+kill the copy (the target reaps it, stopped again for a moment). Without a
+snapshot (--kill, too much memory a fork does not copy, the clone failed)
+the target stays stopped until the image is written. Whatever fails, the
+target is detached and keeps running, and no file that looks like an image
+is left behind.
 
 Every thread is saved (registers, FPU state, masks, pending signals,
 altstack, tid address, robust list, rseq, name, scheduling), and the
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import struct
 import sys
 import time
@@ -57,38 +64,226 @@ class DumpStats:
 def dump(pid: int, output: str, *, kill: bool = False,
          progress: bool | None = None, sign=None) -> DumpStats:
     t0 = time.monotonic()
+    frozen = None
     _refuse_early(pid)
     threads = _Threads(pid)
     threads.seize_main()
-    out = None
+    out = snap = None
     try:
         threads.seize_all()
         _refuse_early(pid)          # again, now that it cannot change
         image = collect(pid, threads)
         out = Output(output)
-        show = _Progress(pid, sum(v.pages_saved for v in image.vmas) * memory.PAGE,
-                         progress)
-        pages = memory.read_pages(pid, list(image.vmas), show.update)
+        vmas = list(image.vmas)
+        if not kill:                # --kill: it never runs past the snapshot anyway
+            snap = _Snapshot.take(pid, threads, vmas)
+        if snap is not None:
+            threads.release()       # the target runs on; its pages are read from the copy
+            frozen = time.monotonic() - t0
+        show = _Progress(pid, sum(v.pages_saved for v in vmas) * memory.PAGE, progress)
+        pages = memory.read_pages(snap.child.tid if snap else pid, vmas, show.update,
+                                  saved=snap.saved if snap else None,
+                                  forked=snap is not None)
         written = write_image(out.file, image, pages, sign=sign)
         show.done()
+        if snap is not None:
+            snap.finish()
         out.commit()
         if kill:        # while still frozen: it never runs past the snapshot
             os.kill(pid, 9)
     except TaskGone:
         raise CkptError(Status.TARGET_GONE,
                         f"process {pid} exited during the dump; no image written")
+    except CkptError as e:
+        if e.status == Status.TARGET_GONE and snap is not None and snap.target_alive(0.2):
+            raise CkptError(Status.TARGET_GONE,
+                            f"the copy-on-write snapshot of process {pid} (process "
+                            f"{snap.child.tid}) was killed during the dump; no image "
+                            "written") from None
+        if e.status == Status.TARGET_GONE:
+            raise CkptError(Status.TARGET_GONE, f"process {pid} exited during the "
+                            "dump; no image written") from None
+        raise
     except OSError as e:
         if not os.path.exists(procfs.path(pid)):
             raise CkptError(Status.TARGET_GONE,
                             f"process {pid} exited during the dump; no image written")
         raise CkptError(Status.OUTPUT, f"cannot write the image: {e.strerror or e}")
     finally:
+        if snap is not None:
+            snap.discard()
         if out is not None:
             out.discard()
-        frozen = time.monotonic() - t0
+        if frozen is None:
+            frozen = time.monotonic() - t0
         threads.release()
     return DumpStats(pid, written, sum(v.pages_saved for v in image.vmas),
                      time.monotonic() - t0, frozen)
+
+
+# --- the copy-on-write snapshot -----------------------------------------------------------
+
+SYS_CLONE, SYS_WAIT4 = 56, 61
+CLONE_FILES, CLONE_PTRACE = 0x400, 0x2000
+WALL = 0x40000000
+UNFORKED_LIMIT = 16 << 20       # bytes of unforked pages read while frozen, at most
+BAD_STACK = 0x10                # the child's stack pointer: unmapped
+
+
+class _Snapshot:
+    """A frozen copy of the target's memory, so that the target runs on
+    while its pages are written.
+
+    While every thread is stopped (after collect() has read registers and
+    every other piece of state), a clone() is injected into the main thread:
+    a child process sharing nothing but copies of the mappings, copy-on-write
+    (the fork costs ~50 ms per GiB of page tables: that is the stop). The
+    target's threads are then let go and the page data is read from the
+    child, which never runs:
+
+    - CLONE_PTRACE: a task seized by us that clones gets a child attached to
+      us from birth, which stops (PTRACE_EVENT_STOP) before its first
+      instruction. It inherits the ptrace options of the target's thread,
+      which has PTRACE_O_EXITKILL for the length of the injected clone only:
+      if the dumper dies, the kernel kills the child instead of detaching
+      it (a running copy of the program), even if we never learnt its pid.
+      (The target itself would be killed only if the dumper died during
+      that one injection, which would leave it wrecked anyway.) Besides,
+      every signal is blocked in the child (inherited from the injection's
+      mask) and its stack pointer is BAD_STACK: were it ever resumed, its
+      first stack access would kill it (a fault on a blocked SIGSEGV is
+      fatal).
+    - exit_signal 0, not CLONE_PARENT: with CLONE_PARENT the target's
+      parent (a shell, a supervisor) would get the child's SIGCHLD and a
+      zombie it never made. With exit_signal 0 the target's parent is not
+      involved and the target gets no SIGCHLD when the child dies; wait(),
+      waitpid(-1, 0) in the target do not see such a child either (only
+      __WALL/__WCLONE waits do). When we, its tracer, collect its death,
+      the kernel leaves a zombie for its real parent, the target: so the
+      target is stopped again (one thread, a few ms), the child killed and
+      collected, and wait4(child, __WALL) injected into the target to reap
+      it before it runs on. The target never runs while that zombie exists.
+    - CLONE_FILES: the child shares the fd table instead of holding its own
+      references to every open file, so a pipe or socket the target closes
+      during the dump is really closed.
+    - Not frozen in the child: MADV_DONTFORK areas (absent), MADV_WIPEONFORK
+      areas (zero) and shared anonymous memory (the same pages). Their saved
+      pages are read while the target is still stopped, up to
+      UNFORKED_LIMIT; beyond that the whole dump runs frozen (no snapshot),
+      as it does when the clone fails (RLIMIT_NPROC, pids cgroup, memory)
+      and with --kill.
+    A failure anywhere kills the child, has the target reap it and leaves
+    the target running (dump()'s finally)."""
+
+    def __init__(self, pid: int, pidfd: int, main: Tracee, insn: int, child: Tracee,
+                 saved: dict[int, bytearray]):
+        self.pid, self.pidfd, self.main, self.insn = pid, pidfd, main, insn
+        self.child, self.saved = child, saved
+        self.done = False
+
+    @classmethod
+    def take(cls, pid: int, threads: _Threads, vmas: list) -> _Snapshot | None:
+        unforked = [v for v in vmas if v.runs and memory.unforked(v)]
+        if sum(v.pages_saved for v in unforked) * memory.PAGE > UNFORKED_LIMIT:
+            return None
+        saved = {}
+        for v in unforked:
+            buf, off = bytearray(v.pages_saved * memory.PAGE), 0
+            for chunk in memory.read_pages(pid, [v]):
+                buf[off:off + len(chunk)] = chunk
+                off += len(chunk)
+            saved[v.start] = buf
+        pidfd = os.pidfd_open(pid)
+        main = threads.tracees[pid]
+        try:
+            main.set_exitkill()     # inherited by the child: it dies with us, from birth
+            try:
+                ret = main.inject(threads.syscall_insn, SYS_CLONE,
+                                  CLONE_PTRACE | CLONE_FILES, BAD_STACK, 0, 0, 0)
+            finally:
+                if main.attached:
+                    main.set_exitkill(False)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if ret <= 0:
+            os.close(pidfd)
+            return None             # EAGAIN, ENOMEM: dump frozen instead
+        snap = cls(pid, pidfd, main, threads.syscall_insn, Tracee(ret), saved)
+        try:
+            ok = snap.child.wait_new_child()
+            if ok:
+                snap.child.set_exitkill()
+        except TaskGone:
+            ok = False
+        if not ok:
+            snap.discard()
+            return None
+        return snap
+
+    def target_alive(self, grace: float = 0) -> bool:
+        """Whether the target still runs (after up to `grace` seconds: a
+        SIGKILL to its process group reaches the child too, and may end it
+        first)."""
+        return not select.select([self.pidfd], [], [], grace)[0]
+
+    def finish(self) -> None:
+        """Kill the child and have the target reap it; TaskGone if the
+        target has exited meanwhile (no image then, as without a snapshot)."""
+        self.done = True
+        if not self.target_alive():
+            self.child.kill()
+            raise TaskGone(self.pid)
+        self._reap()
+
+    def discard(self) -> None:
+        """After a failure (or finish): the same, quietly."""
+        if not self.done:
+            self.done = True
+            try:
+                self._reap()
+            except (TaskGone, CkptError, OSError):
+                pass
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def _still_syscall(self) -> bool:
+        try:
+            with open(procfs.path(self.pid, "mem"), "rb", buffering=0) as mem:
+                mem.seek(self.insn)
+                return mem.read(2) == b"\x0f\x05"
+        except OSError:
+            return False
+
+    def _reap(self) -> None:
+        main, again = self.main, not self.main.attached
+        mask = None
+        try:
+            # Dying takes the child a while (it unmaps a copy of the whole
+            # address space): let it die while the target runs. Its zombie
+            # is visible to us alone until we collect it.
+            self.child.kill(collect=False)
+            if again:               # let go already: stop one thread again
+                main = Tracee(self.pid)
+                try:
+                    main.seize()
+                except CkptError:
+                    raise TaskGone(self.pid) from None
+                main.interrupt()
+                mask = main.sigmask()
+                main.setsigmask(~0 & (2**64 - 1))
+            self.child.kill()       # collected: now a zombie of the target
+            if self._still_syscall():
+                # If the target exec'd or moved its vdso meanwhile, the zombie
+                # stays for it to reap: never jump to an unknown instruction.
+                main.inject(self.insn, SYS_WAIT4, self.child.tid, 0, WALL, 0)
+        finally:
+            self.child.kill()       # whatever failed above: never left behind
+            if again:
+                if mask is not None and main.attached:
+                    main.setsigmask(mask)
+                main.detach()
 
 
 class _Threads:
@@ -106,6 +301,7 @@ class _Threads:
         self.pid = pid
         self.tracees: dict[int, Tracee] = {}
         self.masks: dict[int, int] = {}
+        self.syscall_insn = 0           # a `syscall` in the vdso (collect)
 
     def seize_main(self) -> None:
         t = Tracee(self.pid)
@@ -199,6 +395,7 @@ def collect(pid: int, threads: _Threads) -> Image:
     tracees = threads.ordered()
     main = tracees[0]
     inside = _Inside(pid, main, vdso_start + insn)
+    threads.syscall_insn = vdso_start + insn
 
     table = FileTable()
     runs = memory.page_runs(pid, mappings)

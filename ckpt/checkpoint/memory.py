@@ -224,8 +224,19 @@ READ_CHUNK = 1 << 20
 READ_BUFFERS = 3        # ring size: see read_pages
 
 
+def unforked(vma: Vma) -> bool:
+    """Whether a fork of the process holds no frozen copy of this mapping's
+    pages: MADV_DONTFORK (absent in the child), MADV_WIPEONFORK (zero in
+    the child), shared anonymous memory (the same pages, which the process
+    goes on changing)."""
+    return ("dontfork" in vma.advice or "wipeonfork" in vma.advice
+            or (vma.shared and vma.kind == "anon"))
+
+
 def read_pages(pid: int, vmas: list[Vma],
-               progress: Callable[[int], None] | None = None) -> Iterator[memoryview]:
+               progress: Callable[[int], None] | None = None, *,
+               saved: dict[int, bytes] | None = None,
+               forked: bool = False) -> Iterator[memoryview | bytes]:
     """The saved pages' bytes, in image order: memoryviews of up to
     READ_CHUNK bytes, each filled by one process_vm_readv (up to IOV_MAX
     runs at once) into a ring of READ_BUFFERS reused buffers.
@@ -234,12 +245,36 @@ def read_pages(pid: int, vmas: list[Vma],
     for: write_image asks for chunk n once chunk n - 3 is written (it reads
     and hashes in another thread while it writes).
     Memory process_vm_readv may not read (no read permission: it does not
-    force access like /proc/PID/mem does) is read through /proc/PID/mem."""
-    reader = _Reader(pid)
+    force access like /proc/PID/mem does) is read through /proc/PID/mem.
+    A VMA whose start is in `saved` is not read: its page data, read
+    earlier, is given as it is.
+
+    `forked`: pid is a fork sharing its pages copy-on-write with another
+    process. Then everything is read through /proc/PID/mem: process_vm_readv
+    pins the pages it reads (FOLL_PIN), and pinning a shared anonymous page,
+    even for reading, makes the kernel give the reader its own copy
+    (FAULT_FLAG_UNSHARE): ~3x slower, and a second copy of the memory."""
+    reader = _Reader(pid, vm_readv=not forked)
+    batch: list[tuple[int, int]] = []
+    size = 0
+
+    def flush():
+        nonlocal batch, size
+        chunk = reader.read(batch, size)
+        if progress:
+            progress(size)
+        batch, size = [], 0
+        return chunk
+
     try:
-        batch: list[tuple[int, int]] = []
-        size = 0
         for vma in vmas:
+            if saved and vma.start in saved:
+                if batch:
+                    yield flush()
+                yield saved[vma.start]
+                if progress:
+                    progress(len(saved[vma.start]))
+                continue
             for run in vma.runs:
                 addr, left = run.addr, run.count * PAGE
                 while left:
@@ -249,27 +284,22 @@ def read_pages(pid: int, vmas: list[Vma],
                     addr += n
                     left -= n
                     if size == READ_CHUNK or len(batch) == IOV_MAX:
-                        yield reader.read(batch, size)
-                        if progress:
-                            progress(size)
-                        batch, size = [], 0
+                        yield flush()
         if batch:
-            yield reader.read(batch, size)
-            if progress:
-                progress(size)
+            yield flush()
     finally:
         reader.close()
 
 
 class _Reader:
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, vm_readv: bool = True):
         self.pid = pid
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.buffers: list[tuple[mmap.mmap, int]] = []
         self.next = 0
         self.remote = (_Iovec * IOV_MAX)()
         self.mem_fd = -1
-        self.vm_readv = True
+        self.vm_readv = vm_readv
 
     def read(self, batch: list[tuple[int, int]], size: int) -> memoryview:
         if len(self.buffers) < READ_BUFFERS:
@@ -291,13 +321,17 @@ class _Reader:
                 raise self._gone(batch[0][0])
             if err in (errno.ENOSYS, errno.EPERM):
                 self.vm_readv = False
-        if self.mem_fd < 0:
-            self.mem_fd = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY | os.O_CLOEXEC)
         off = 0
-        for addr, n in batch:
-            if os.preadv(self.mem_fd, [view[off:off + n]], addr) != n:
-                raise self._gone(addr)
-            off += n
+        try:
+            if self.mem_fd < 0:
+                self.mem_fd = os.open(procfs.path(self.pid, "mem"),
+                                      os.O_RDONLY | os.O_CLOEXEC)
+            for addr, n in batch:
+                if os.preadv(self.mem_fd, [view[off:off + n]], addr) != n:
+                    raise self._gone(addr)
+                off += n
+        except (FileNotFoundError, ProcessLookupError):
+            raise self._gone(batch[0][0]) from None
         return view
 
     def _gone(self, addr: int) -> CkptError:

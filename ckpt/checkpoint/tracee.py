@@ -18,6 +18,8 @@ from ..errors import CkptError, Status
 
 PTRACE_SINGLESTEP = 9
 PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_O_EXITKILL = 1 << 20
 PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
@@ -112,6 +114,47 @@ class Tracee:
             self.attached = False
             raise TaskGone(self.tid)
         return status
+
+    def wait_new_child(self) -> bool:
+        """A child created with CLONE_PTRACE by a seized task is attached to
+        us from birth and stops (PTRACE_EVENT_STOP) before it runs a single
+        instruction of its own: wait for that stop. Any other stop: False
+        (never resume it; the caller kills it)."""
+        self.attached = True
+        status = self._wait()
+        return os.WIFSTOPPED(status) and (status >> 16) == PTRACE_EVENT_STOP
+
+    def set_exitkill(self, on: bool = True) -> None:
+        """Have the kernel SIGKILL this task if the dumper dies (or not).
+        Children it creates while it is on are attached with it on."""
+        _call(PTRACE_SETOPTIONS, self.tid, 0, PTRACE_O_EXITKILL if on else 0)
+
+    def kill(self, *, collect: bool = True) -> None:
+        """SIGKILL a task we trace and wait until it has died. With
+        collect, its death is collected too (for a child of another
+        process, that leaves the real parent's zombie); without, it is left
+        a zombie only its tracer can see (kill() again to collect it)."""
+        if not self.attached:
+            return
+        try:
+            os.kill(self.tid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while True:
+            try:
+                if not collect:
+                    info = os.waitid(os.P_PID, self.tid, os.WEXITED | os.WNOWAIT | WALL)
+                    if info is not None and info.si_code in (
+                            os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED):
+                        return
+                    os.waitpid(self.tid, WALL | os.WNOHANG)     # a stop: consume it
+                    continue
+                _, status = os.waitpid(self.tid, WALL)
+            except ChildProcessError:
+                break
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                break
+        self.attached = False
 
     def detach(self) -> None:
         if self.attached:
