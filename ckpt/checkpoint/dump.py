@@ -173,7 +173,9 @@ class _Snapshot:
       as it does when the clone fails (RLIMIT_NPROC, pids cgroup, memory)
       and with --kill.
     A failure anywhere kills the child, has the target reap it and leaves
-    the target running (dump()'s finally)."""
+    the target running (dump()'s finally). Once the snapshot is taken, the
+    target may even exit: the image is the process as it was stopped, and
+    only the child's death (its pages unreadable) fails the dump."""
 
     def __init__(self, pid: int, pidfd: int, main: Tracee, insn: int, child: Tracee,
                  saved: dict[int, bytearray]):
@@ -228,12 +230,14 @@ class _Snapshot:
         return not select.select([self.pidfd], [], [], grace)[0]
 
     def finish(self) -> None:
-        """Kill the child and have the target reap it; TaskGone if the
-        target has exited meanwhile (no image then, as without a snapshot)."""
+        """Kill the child and have the target reap it. A target that has
+        exited since the snapshot does not spoil the image: it holds the
+        process as it was when it was stopped, complete (the child, now
+        someone else's, is killed all the same)."""
         self.done = True
         if not self.target_alive():
             self.child.kill()
-            raise TaskGone(self.pid)
+            return
         self._reap()
 
     def discard(self) -> None:
