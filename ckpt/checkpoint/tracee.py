@@ -1,8 +1,8 @@
 """A seized task: ptrace requests the dumper needs, and syscall injection.
 
-python-ptrace supplies the raw ptrace() call and GETREGS/SETREGS; it has no
-API for PTRACE_SEIZE/INTERRUPT/GETREGSET(XSTATE)/PEEKSIGINFO/GETSIGMASK, so
-those go through its raw entry point here.
+ptrace(2) is called through ctypes: python-ptrace (which has no API for
+PTRACE_SEIZE/INTERRUPT/GETREGSET(XSTATE)/PEEKSIGINFO/GETSIGMASK anyway)
+cost ~20 ms of imports on every dump for a raw call and GETREGS/SETREGS.
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import errno
 import os
 import signal
 
-from ptrace.binding import func as pt
-from ptrace.error import PtraceError
-
 from ..errors import CkptError, Status
+from ..image.model import GENERAL_REGS
 
+PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_EXITKILL = 1 << 20
@@ -56,9 +57,32 @@ class _RseqConfig(ctypes.Structure):
                 ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class PtraceError(OSError):
+    """ptrace(2) failed; .errno says why."""
+
+
+class UserRegs(ctypes.Structure):
+    """struct user_regs_struct (x86_64), the fields the image names."""
+    _fields_ = [(name, ctypes.c_ulong) for name in GENERAL_REGS]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    ctypes.set_errno(0)
+    ret = _libc.ptrace(request, tid, addr or None, data or None)
+    err = ctypes.get_errno() if ret == -1 else 0
+    if err:
+        raise PtraceError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
+    return ret
+
+
 def _call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     try:
-        return pt.ptrace(request, tid, addr, data)
+        return _ptrace(request, tid, addr, data)
     except PtraceError as e:
         if e.errno == errno.ESRCH:
             raise TaskGone(tid) from None
@@ -77,7 +101,7 @@ class Tracee:
         """Attach. For another thread of an attached process (thread=True)
         a thread that has just exited gives False instead of an error."""
         try:
-            pt.ptrace(PTRACE_SEIZE, self.tid, 0, 0)
+            _ptrace(PTRACE_SEIZE, self.tid)
         except PtraceError as e:
             if thread and e.errno in (errno.ESRCH, errno.EPERM) and _is_zombie(self.tid):
                 return False
@@ -103,7 +127,7 @@ class Tracee:
             if (status >> 16) == PTRACE_EVENT_STOP:
                 return
             sig = os.WSTOPSIG(status)
-            _call(pt.PTRACE_CONT, self.tid, 0, sig)
+            _call(PTRACE_CONT, self.tid, 0, sig)
 
     def _wait(self) -> int:
         try:
@@ -160,21 +184,23 @@ class Tracee:
         if self.attached:
             self.attached = False
             try:
-                pt.ptrace(PTRACE_DETACH, self.tid, 0, 0)
+                _ptrace(PTRACE_DETACH, self.tid)
             except PtraceError:
                 pass    # already gone; nothing is left stopped
 
     # -- state ---------------------------------------------------------------
-    def getregs(self):
+    def getregs(self) -> UserRegs:
+        regs = UserRegs()
         try:
-            return pt.ptrace_getregs(self.tid)
+            _ptrace(PTRACE_GETREGS, self.tid, 0, ctypes.addressof(regs))
+            return regs
         except PtraceError as e:
             if e.errno == errno.ESRCH:
                 raise TaskGone(self.tid) from None
             raise
 
     def setregs(self, regs) -> None:
-        pt.ptrace_setregs(self.tid, regs)
+        _ptrace(PTRACE_SETREGS, self.tid, 0, ctypes.addressof(regs))
 
     def xstate(self) -> bytes:
         buf = ctypes.create_string_buffer(XSTATE_MAX)
@@ -222,7 +248,7 @@ class Tracee:
         single-step, read rax, restore the saved registers (whose orig_rax
         and rax then restart the interrupted syscall normally on resume)."""
         saved = self.getregs()
-        regs = pt.ptrace_getregs(self.tid)
+        regs = self.getregs()
         regs.orig_rax = U64
         regs.rax = nr
         regs.rip = syscall_insn
@@ -253,7 +279,6 @@ def restarted_regs(regs) -> dict[str, int]:
     number, rip back over the 2-byte `syscall`. -ERESTART_RESTARTBLOCK (a
     relative sleep, poll with timeout) re-runs the original call with its
     original arguments: a relative sleep starts its full duration again."""
-    from ..image.model import GENERAL_REGS
     out = {name: int(getattr(regs, name)) for name in GENERAL_REGS}
     rax = out["rax"] - (1 << 64) if out["rax"] >= (1 << 63) else out["rax"]
     if out["orig_rax"] != U64 and -rax in ERESTART:
