@@ -8,7 +8,10 @@ checks before the point of no return, one line and a status on failure.
 
 Start-up matters here (warm start): `ckpt binfmt register` writes a small
 script that runs this with `python -IS` and explicit paths, and nothing on
-this path imports click, elftools or the dumper.
+this path imports click, elftools or the dumper. binfmt_misc runs the
+native launcher (restorer-stub/launcher.c) next to that script, which runs
+it only when it has no valid restore ticket: a restore that passed here
+writes one (ckpt.restore.ticket) so that the next can skip Python.
 """
 from __future__ import annotations
 
@@ -37,5 +40,6 @@ def main() -> None:
                             "ckpt images: ./app.ckpt (or ckpt-launcher IMAGE)")
         from .restore import restore
         restore(sys.argv[1], as_caller=_flag("CKPT_AS_CALLER"),
-                restore_creds=_flag("CKPT_RESTORE_CREDS"), mapped=_flag("CKPT_MAPPED"))
+                restore_creds=_flag("CKPT_RESTORE_CREDS"), mapped=_flag("CKPT_MAPPED"),
+                ticket=True)
     run_guarded(body)

@@ -41,17 +41,28 @@ from .planner import build_plan
 from .stub import launch
 
 
-def restore(path: str, *, as_caller: bool = False,
-            restore_creds: bool = False, mapped: bool = False) -> NoReturn:
+def restore(path: str, *, as_caller: bool = False, restore_creds: bool = False,
+            mapped: bool = False, ticket: bool = False) -> NoReturn:
+    """ticket: write a restore ticket for the native launcher (the binfmt
+    launcher asks for one; see ckpt.restore.ticket)."""
+    tk = None
+    if ticket:
+        from . import ticket as tickets
+        tk = tickets.begin(as_caller=as_caller, restore_creds=restore_creds, mapped=mapped)
     policy = load_policy()
     check_caller(policy)
     image_fd = open_image(path)
+    if tk is not None:
+        tk.image(image_fd)
+        tk.check_policy(policy)
     if mapped:
         check_mappable(image_fd, path)
     # A signature covers the page data: when one is required, check it all.
     image = load_image(image_fd, path, policy,
                        verify_pages=not mapped or policy.require_signature)
     check_host(image)
+    if tk is not None and restore_creds and not as_caller and differences(image.process.creds):
+        tk.ok = False                   # a credential switch: Python's job
     check_creds(image, policy, as_caller=as_caller, restore_creds=restore_creds)
     files = open_files(image)
     try:
@@ -59,8 +70,15 @@ def restore(path: str, *, as_caller: bool = False,
     except OSError as e:
         raise CkptError(Status.FILE_CHANGED,
                         f"working directory {image.process.cwd}: {e.strerror.lower()}")
-    plan = build_plan(image, files, image_fd, mapped=mapped)
-    launch(plan, avoid=[(v.start, v.end) for v in image.vmas])
+    moved: dict[int, int] = {}
+    plan = build_plan(image, files, image_fd, mapped=mapped, moved=moved)
+    on_placed = None
+    if tk is not None and tk.ok:
+        def on_placed(start, total, plan_off, block, vdso_off):
+            tk.write(plan=plan, image=image, files=files, moved=moved, start=start,
+                     total=total, plan_off=plan_off, block=block, vdso_off=vdso_off,
+                     nofile_need=nofile_need(image))
+    launch(plan, avoid=[(v.start, v.end) for v in image.vmas], on_placed=on_placed)
 
 
 def open_image(path: str) -> int:
@@ -171,7 +189,7 @@ def check_host(image: Image) -> None:
                         f"allows {max_maps} per process (sysctl vm.max_map_count)")
     # The launcher holds every file at fds above the image's highest one
     # until the stub installs them: make sure the open-file limit allows it.
-    need = max([2] + [d.fd for d in image.fds]) + len(image.fds) + len(image.files) + 64
+    need = nofile_need(image)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if 0 <= soft < need:
         if 0 <= hard < need:
@@ -179,6 +197,10 @@ def check_host(image: Image) -> None:
                             f"the image needs fd numbers up to {need}, above your "
                             f"open-file limit ({hard}; ulimit -n)")
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def nofile_need(image: Image) -> int:
+    return max([2] + [d.fd for d in image.fds]) + len(image.fds) + len(image.files) + 64
 
 
 def _sysctl(name: str) -> int:

@@ -32,6 +32,7 @@ class OpenFiles:
         self.mapped: dict[int, int] = {}      # File.id -> fd
         self.held: dict[int, int] = {}        # target fd number -> fd
         self.problems: list[str] = []
+        self.flags: dict[int, int] = {}       # fd -> the open flags used (tickets)
 
     def close(self) -> None:
         for fd in list(self.mapped.values()) + list(self.held.values()):
@@ -63,10 +64,12 @@ def open_files(image: Image) -> OpenFiles:
 
 def _open(files: OpenFiles, f: File, flags: int) -> int | None:
     try:
-        return os.open(f.path, flags | os.O_CLOEXEC)
+        fd = os.open(f.path, flags | os.O_CLOEXEC)
     except OSError as e:
         files.problems.append(f"{f.path}: {e.strerror.lower()}")
         return None
+    files.flags[fd] = flags
+    return fd
 
 
 def _open_mapped(files: OpenFiles, f: File, writable: bool) -> None:

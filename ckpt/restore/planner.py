@@ -31,14 +31,16 @@ MAP_COUNT_RESERVE = 64          # mappings left for the program itself
 
 
 def build_plan(image: Image, files: OpenFiles, image_fd: int, *,
-               mapped: bool = False) -> Plan:
+               mapped: bool = False, moved: dict[int, int] | None = None) -> Plan:
     """CKPT_NEW_TIDS=1 in the environment: give the threads new ids even
     where the saved ones could be had (tests use it for the fix-ups).
     mapped: map page data from image_fd (the caller checked the file can
-    be trusted not to change, restore.check_mappable)."""
+    be trusted not to change, restore.check_mappable).
+    moved: if given, receives {launcher fd: the plan's number for it}."""
     proc = image.process
     fd_base = max([2] + [fd.fd for fd in image.fds]) + 1
-    moved: dict[int, int] = {}
+    if moved is None:
+        moved = {}
 
     def high(fd: int) -> int:
         """The same open file at a number >= fd_base (dup kept until exec)."""

@@ -187,9 +187,12 @@ def _check_privileges(plan: Plan) -> None:
                             "raising it needs CAP_SYS_RESOURCE")
 
 
-def launch(plan: Plan, *, avoid: list[tuple[int, int]]) -> NoReturn:
+def launch(plan: Plan, *, avoid: list[tuple[int, int]], on_placed=None) -> NoReturn:
     """Restore `plan` in this process. Never returns: raises CkptError
-    before the point of no return, or becomes the restored program."""
+    before the point of no return, or becomes the restored program.
+    on_placed(start, total, plan_offset, block, vdso_offset), if given, is
+    called once the region is ready, just before the jump (restore
+    tickets: ckpt.restore.ticket); whatever it raises is ignored."""
     ntask = len(os.listdir("/proc/self/task"))
     if ntask != 1:
         raise CkptError(Status.INTERNAL,
@@ -249,6 +252,16 @@ def launch(plan: Plan, *, avoid: list[tuple[int, int]]) -> NoReturn:
     except BaseException:
         _libc.munmap(start, total)
         raise
+
+    if on_placed is not None:
+        try:
+            vdso = [lo for lo, _, name in maps if name == "[vdso]"]
+            on_placed(start, total, plan_addr - start, block,
+                      vdso[0] - vdso_cur if vdso and vdso_len else 0)
+        except Exception:
+            if os.environ.get("CKPT_DEBUG"):
+                import traceback
+                traceback.print_exc()
 
     for stream in (sys.stdout, sys.stderr):
         try:
