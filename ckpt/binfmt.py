@@ -6,8 +6,8 @@ live registration, the systemd binfmt.d line and the binfmt-support file.
 FLAGS is empty on purpose:
   no C  credentials would come from the image file (a setuid image would be
         a privilege escalation); the launcher runs with the caller's.
-  no O  passes an fd instead of a path and needs an ELF interpreter; the
-        launcher is a Python script.
+  no O  passes an fd instead of a path (the Python launcher needs one to
+        fall back on).
   no P  the restored program takes its argv from its saved memory; the
         original argv[0] is of no use to the launcher.
   no F  F pins the launcher opened at registration; without it the path is
@@ -53,6 +53,37 @@ def binfmt_support(interpreter: str = SYSTEM_LAUNCHER) -> str:
 
 def default_launcher() -> str:
     return os.path.join(sys.prefix, "bin", "ckpt-launcher")
+
+
+NATIVE_SUFFIX = "-native"
+
+
+def built_native() -> str | None:
+    """The native launcher this install built (restorer-stub/launcher.c),
+    or None (then images run the Python launcher directly)."""
+    path = os.path.join(os.path.dirname(__file__), "restore", "ckpt-launcher" + NATIVE_SUFFIX)
+    return path if os.access(path, os.X_OK) else None
+
+
+def write_native(path: str) -> str | None:
+    """Install the native launcher as PATH-native, next to the Python
+    launcher PATH it falls back to (it execs its own path without
+    "-native"). Returns the interpreter to register."""
+    src = built_native()
+    if src is None:
+        return None
+    dst = path + NATIVE_SUFFIX
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        with open(src, "rb") as f:
+            data = f.read()
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dst)
+    except OSError as e:
+        raise CkptError(Status.BINFMT, f"cannot write the launcher {dst}: {e.strerror}")
+    return dst
 
 
 def write_launcher(path: str) -> list[str]:
@@ -136,14 +167,17 @@ def register(name: str, launcher: str | None) -> list[str]:
     ensure_mounted()
     launcher = launcher or default_launcher()
     notes = write_launcher(launcher)
+    interpreter = launcher
+    if os.environ.get("CKPT_NO_NATIVE", "") in ("", "0"):
+        interpreter = write_native(launcher) or launcher
     current = read_entry(name)
     if current is not None:
-        if current.get("interpreter") == launcher and current.get("magic") == MAGIC.hex():
-            return notes + [f"'{name}' is already registered ({launcher})"]
+        if current.get("interpreter") == interpreter and current.get("magic") == MAGIC.hex():
+            return notes + [f"'{name}' is already registered ({interpreter})"]
         unregister(name)
-    _write(os.path.join(PROC_DIR, "register"), entry_line(name, launcher),
+    _write(os.path.join(PROC_DIR, "register"), entry_line(name, interpreter),
            f"registering '{name}'")
-    return notes + [f"registered '{name}': images run {launcher}"]
+    return notes + [f"registered '{name}': images run {interpreter}"]
 
 
 def unregister(name: str) -> str:

@@ -222,3 +222,144 @@ def test_restore_writes_a_ticket(shared, start, cache, tmp_path):
     check_ticks(r, last)
     assert python
     assert tickets(cache) == [tk]
+
+
+# --- slice 2: the native launcher ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def entry(shared):
+    """A binfmt entry of this module's own (removed at the end): `ckpt
+    binfmt register` installs the native launcher as the interpreter."""
+    if binfmt.built_native() is None:
+        pytest.fail("the native launcher was not built (ckpt/restore/ckpt-launcher-native)")
+    name = f"ckpt-native-{os.getpid()}"
+    wrapper = (shared / "ckpt-launcher").read_text()
+    r = run_ckpt(shared, "binfmt", "register", "--name", name, "--launcher",
+                 shared / "ckpt-launcher")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert binfmt.read_entry(name)["interpreter"] == str(shared / "ckpt-launcher-native")
+        (shared / "ckpt-launcher").write_text(wrapper)      # count the fallbacks again
+        yield name
+    finally:
+        run_ckpt(shared, "binfmt", "unregister", "--name", name)
+        assert binfmt.read_entry(name) is None
+
+
+@needs_root
+def test_second_run_is_native(shared, entry, start, cache, tmp_path):
+    image = tmp_path / "t.ckpt"
+    last = dump_ticker(shared, start, image)
+    r, python = exec_image(shared, image, cache)          # no ticket: the fallback
+    check_ticks(r, last)
+    assert python
+    [tk] = tickets(cache)
+    ino = tk.stat().st_ino
+    for _ in range(2):
+        r, python = exec_image(shared, image, cache)
+        check_ticks(r, last)
+        assert not python, r.stderr
+    assert [t.stat().st_ino for t in tickets(cache)] == [ino]   # Python wrote nothing
+    # Other options: another key, so Python first, then native again.
+    for expect_python in (True, False):
+        r, python = exec_image(shared, image, cache, CKPT_MAPPED="1")
+        check_ticks(r, last)
+        assert python == expect_python
+    assert len(tickets(cache)) == 2
+    r, python = exec_image(shared, image, cache, CKPT_NO_TICKETS="1")
+    check_ticks(r, last)
+    assert python
+    # Through the kernel: binfmt_misc runs the native launcher.
+    r, python = exec_image(shared, image, cache, via="kernel")
+    check_ticks(r, last)
+    if only_our_entry(shared):
+        assert not python
+
+
+@needs_root
+def test_stale_ticket_falls_back(shared, entry, start, cache, tmp_path):
+    image = tmp_path / "t.ckpt"
+    last = dump_ticker(shared, start, image)
+    assert exec_image(shared, image, cache)[1]
+    os.utime(image)                                       # ctime and mtime move
+    r, python = exec_image(shared, image, cache)
+    check_ticks(r, last)
+    assert python
+    assert not exec_image(shared, image, cache)[1]
+    # A corrupt ticket (same name): a miss, and Python writes a good one.
+    for tk in tickets(cache):
+        tk.write_bytes(tk.read_bytes()[:-8])
+    r, python = exec_image(shared, image, cache)
+    check_ticks(r, last)
+    assert python
+    assert not exec_image(shared, image, cache)[1]
+
+
+@needs_root
+def test_changed_file_gets_pythons_error(shared, entry, start, cache, tmp_path):
+    prog = tmp_path / "ticker"
+    shutil.copy(shared / "ticker", prog)
+    t = start([str(prog), "40"], cwd=str(shared))
+    wait_lines(t.stdout_path, 3, target=t)
+    image = tmp_path / "t.ckpt"
+    assert run_ckpt(shared, "dump", t.pid, "-o", image, "--kill").returncode == 0
+    t.wait()
+    assert exec_image(shared, image, cache)[1]
+    assert exec_image(shared, image, cache)[0].returncode == 3
+    with open(prog, "ab") as f:                      # the program's file changed
+        f.write(b"\0" * 16)
+    r, python = exec_image(shared, image, cache)
+    assert python
+    assert r.returncode == 16, r.stderr               # Status.FILE_CHANGED
+    assert r.stderr.startswith("ckpt: ") and str(prog) in r.stderr
+    assert r.stdout == ""
+
+
+@needs_root
+def test_threads_native(shared, entry, start, cache, tmp_path):
+    prog = shared / "threads8"
+    ref = start([str(prog), "16", "30", "150"], name="reference")
+    ref_status, ref_sum = ref.wait(), ref.stdout().splitlines()[-1]
+    t = start([str(prog), "16", "30", "150"], cwd=str(shared))
+    wait_lines(t.stdout_path, 8, target=t)
+    image = tmp_path / "th.ckpt"
+    r = run_ckpt(shared, "dump", t.pid, "-o", image, "--kill")
+    assert r.returncode == 0, r.stderr
+    t.wait()
+    for expect_python in (True, False, False):
+        r, python = exec_image(shared, image, cache)
+        assert python == expect_python
+        assert r.returncode == ref_status, r.stderr
+        assert r.stdout.splitlines()[-1] == ref_sum and r.stderr == ""
+
+
+WARM = """
+import json, os, stat, sys, time, decimal, email.parser
+sys.stdout.write("R\\n"); sys.stdout.flush()
+while not stat.S_ISFIFO(os.fstat(0).st_mode):    # /dev/null until restored
+    time.sleep(0.005)
+line = sys.stdin.readline().strip()
+print(json.dumps({"got": line, "d": str(decimal.Decimal(1) / 4),
+                  "exe": os.readlink("/proc/self/exe"), "pid": os.getpid()}))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mapped", ["0", "1"])
+def test_python_warm_image_native(shared, entry, start, cache, tmp_path, mapped):
+    py = os.path.realpath("/usr/bin/python3")
+    if not os.path.exists(py):
+        pytest.skip("no /usr/bin/python3")
+    t = start([py, "-I", "-c", WARM], cwd=str(shared))
+    wait_lines(t.stdout_path, 1, target=t)
+    image = tmp_path / "warm.ckpt"
+    assert run_ckpt(shared, "dump", t.pid, "-o", image, "--kill").returncode == 0
+    t.wait()
+    import json
+    for expect_python in (True, False, False):
+        r, python = exec_image(shared, image, cache, input="hello\n", CKPT_MAPPED=mapped)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["got"] == "hello" and out["d"] == "0.25"
+        assert os.path.realpath(out["exe"]) == py      # the exe link is python's
+        assert python == expect_python
