@@ -36,9 +36,9 @@ def untouched(target) -> None:
 
 @pytest.fixture
 def cow(start, programs, tmp_path):
-    def run(size_mib: int = 32):
+    def run(size_mib: int = 32, *mode: str):
         flag = tmp_path / "flag"
-        t = start([programs("cowtarget"), size_mib, flag])
+        t = start([programs("cowtarget"), size_mib, flag, *mode])
         assert wait_lines(t.stdout_path, 1, target=t) == ["ready"]
         return t, flag
     return run
@@ -82,6 +82,37 @@ def test_target_runs_while_its_pages_are_written(cow, tmp_path):
     t.kill()
     flag.write_text("")
     for name in ("a.ckpt", "b.ckpt"):
+        r = restore(tmp_path / name)
+        assert (r.returncode, r.stdout) == (0, "ok\n"), r
+
+
+def test_vmflags_come_from_the_copy(cow, tmp_path, monkeypatch):
+    """Without a MADV_DONTFORK mapping, the stopped target's smaps (a walk
+    of all its page tables) is not read: the flags come from the child's,
+    and are the ones a frozen dump reads from the target; the
+    MADV_WIPEONFORK area (found by its pages missing in the child) is read
+    while stopped: the restored copy sees one generation everywhere."""
+    t, flag = cow(32, "nodf")
+    read = []
+    smaps = dump_mod.procfs.smaps
+    monkeypatch.setattr(dump_mod.procfs, "smaps", lambda pid: read.append(pid) or smaps(pid))
+    dump_mod.dump(t.pid, str(tmp_path / "snap.ckpt"))
+    assert read and t.pid not in read, read
+    monkeypatch.setattr(dump_mod, "UNFORKED_LIMIT", 0)      # no snapshot: frozen dump
+    read.clear()
+    dump_mod.dump(t.pid, str(tmp_path / "frozen.ckpt"))
+    assert read == [t.pid]
+    untouched(t)
+    t.kill()
+
+    def vmas(name):
+        return [(v.start, v.end, v.prot, v.shared, v.kind, v.name, v.growsdown, v.advice)
+                for v in read_image(tmp_path / name).vmas]
+    assert vmas("snap.ckpt") == vmas("frozen.ckpt")
+    advice = {a for v in vmas("snap.ckpt") for a in v[7]}
+    assert {"wipeonfork", "dontdump", "hugepage"} <= advice
+    flag.write_text("")
+    for name in ("snap.ckpt", "frozen.ckpt"):
         r = restore(tmp_path / name)
         assert (r.returncode, r.stdout) == (0, "ok\n"), r
 

@@ -40,6 +40,7 @@ from ..errors import CkptError, Status
 from ..image import write_image
 from ..image.model import (Creds, GeneralRegs, Header, Image, MMFields,
                            PosixTimer, Process, Rlimit, SigAction, Thread)
+from ..image.record import replace
 from . import memory, procfs
 from .files import FileTable, fd_table, mapped_file
 from .tracee import TaskGone, Tracee, restarted_regs
@@ -72,14 +73,17 @@ def dump(pid: int, output: str, *, kill: bool = False,
     try:
         threads.seize_all()
         _refuse_early(pid)          # again, now that it cannot change
-        image = collect(pid, threads)
+        image = collect(pid, threads, vmflags=kill)
         out = Output(output)
-        vmas = list(image.vmas)
         if not kill:                # --kill: it never runs past the snapshot anyway
-            snap = _Snapshot.take(pid, threads, vmas)
+            snap = _Snapshot.take(pid, threads, image)
+            if snap is None:        # dump frozen: the flags from the target, still stopped
+                image = with_vmflags(image, procfs.smaps(pid))
         if snap is not None:
             threads.release()       # the target runs on; its pages are read from the copy
             frozen = time.monotonic() - t0
+            image = snap.image or with_vmflags(image, procfs.smaps(snap.child.tid))
+        vmas = list(image.vmas)
         show = _Progress(pid, sum(v.pages_saved for v in vmas) * memory.PAGE, progress)
         pages = memory.read_pages(snap.child.tid if snap else pid, vmas, show.update,
                                   saved=snap.saved if snap else None,
@@ -181,20 +185,13 @@ class _Snapshot:
                  saved: dict[int, bytearray]):
         self.pid, self.pidfd, self.main, self.insn = pid, pidfd, main, insn
         self.child, self.saved = child, saved
+        self.image: Image | None = None     # with VmFlags, if they had to be read
         self.done = False
 
     @classmethod
-    def take(cls, pid: int, threads: _Threads, vmas: list) -> _Snapshot | None:
-        unforked = [v for v in vmas if v.runs and memory.unforked(v)]
-        if sum(v.pages_saved for v in unforked) * memory.PAGE > UNFORKED_LIMIT:
-            return None
-        saved = {}
-        for v in unforked:
-            buf, off = bytearray(v.pages_saved * memory.PAGE), 0
-            for chunk in memory.read_pages(pid, [v]):
-                buf[off:off + len(chunk)] = chunk
-                off += len(chunk)
-            saved[v.start] = buf
+    def take(cls, pid: int, threads: _Threads, image: Image) -> _Snapshot | None:
+        """Fork the stopped target; None where a snapshot can't be had.
+        `image` may lack the VmFlags (collect(vmflags=False)): see _unforked."""
         pidfd = os.pidfd_open(pid)
         main = threads.tracees[pid]
         try:
@@ -211,17 +208,57 @@ class _Snapshot:
         if ret <= 0:
             os.close(pidfd)
             return None             # EAGAIN, ENOMEM: dump frozen instead
-        snap = cls(pid, pidfd, main, threads.syscall_insn, Tracee(ret), saved)
+        snap = cls(pid, pidfd, main, threads.syscall_insn, Tracee(ret), {})
         try:
             ok = snap.child.wait_new_child()
             if ok:
                 snap.child.set_exitkill()
+                ok = snap._read_unforked(image)
         except TaskGone:
             ok = False
+        except BaseException:
+            snap.discard()
+            raise
         if not ok:
             snap.discard()
             return None
         return snap
+
+    def _read_unforked(self, image: Image) -> bool:
+        """Find the mappings the child holds no frozen copy of and read
+        their pages now, while the target is still stopped; False if they
+        are more than UNFORKED_LIMIT.
+
+        The VmFlags that say which (dc, wf) are in /proc/PID/smaps, whose
+        reading walks every page table of the target (~45 ms per GiB, half
+        of the stop). So the stopped target's plain maps were read instead,
+        and the flags come from the child's smaps once the target runs on
+        (fork copies every VMA with its flags, except MADV_DONTFORK ones).
+        Here, cheaply: a mapping missing in the child's maps is
+        MADV_DONTFORK (then the target's smaps are read after all, and
+        self.image has the flags); one whose first saved page is not present
+        in the child was wiped (MADV_WIPEONFORK, or a page the pagemap read
+        could not tell was the zero page: read it now, no harm); shared
+        anonymous memory is the same pages in both."""
+        in_child = {(e.start, e.end) for e in procfs.maps(self.child.tid)}
+        if all((v.start, v.end) in in_child for v in image.vmas):
+            private = [v for v in image.vmas if v.runs and not (v.shared and v.kind == "anon")]
+            present = memory.pages_present(self.child.tid, [v.runs[0].addr for v in private])
+            wiped = {v.start for v, p in zip(private, present) if not p}
+            unforked = [v for v in image.vmas if v.runs and (
+                v.start in wiped or (v.shared and v.kind == "anon"))]
+        else:
+            self.image = with_vmflags(image, procfs.smaps(self.pid))
+            unforked = [v for v in self.image.vmas if v.runs and memory.unforked(v)]
+        if sum(v.pages_saved for v in unforked) * memory.PAGE > UNFORKED_LIMIT:
+            return False
+        for v in unforked:
+            buf, off = bytearray(v.pages_saved * memory.PAGE), 0
+            for chunk in memory.read_pages(self.pid, [v]):
+                buf[off:off + len(chunk)] = chunk
+                off += len(chunk)
+            self.saved[v.start] = buf
+        return True
 
     def target_alive(self, grace: float = 0) -> bool:
         """Whether the target still runs (after up to `grace` seconds: a
@@ -387,10 +424,12 @@ def _refuse_early(pid: int) -> None:
                         " process trees are not supported")
 
 
-def collect(pid: int, threads: _Threads) -> Image:
-    """Everything but the page data, as image records."""
+def collect(pid: int, threads: _Threads, *, vmflags: bool = True) -> Image:
+    """Everything but the page data, as image records. Without `vmflags`,
+    /proc/PID/maps instead of smaps (no page-table walk): each Vma's
+    growsdown and advice are then left empty for with_vmflags()."""
     status = procfs.status(pid)
-    mappings = memory.classify(procfs.smaps(pid))
+    mappings = memory.classify(procfs.smaps(pid) if vmflags else procfs.maps(pid))
     vdso = memory.read_vdso(pid, mappings)
     vdso_start = next(m.entry.start for m in mappings if m.name == "[vdso]")
     insn = vdso.find(b"\x0f\x05")
@@ -447,6 +486,19 @@ def collect(pid: int, threads: _Threads) -> Image:
         ))
     return Image(header=Header(1, 0, "x86_64", memory.PAGE), process=process,
                  threads=tuple(records), files=tuple(table.files), vmas=vmas, fds=fds)
+
+
+def with_vmflags(image: Image, entries: list[procfs.MapsEntry]) -> Image:
+    """`image` with each Vma's growsdown and advice from smaps `entries`
+    (of the stopped target, or of its frozen copy) for the same range."""
+    flags = {(e.start, e.end): e.vmflags for e in entries}
+    try:
+        vmas = tuple(replace(v, **memory.vma_flags(flags[v.start, v.end]))
+                     for v in image.vmas)
+    except KeyError as e:
+        raise CkptError(Status.INTERNAL, f"mapping {e.args[0][0]:#x}-{e.args[0][1]:#x} "
+                        "changed while the process was stopped") from None
+    return replace(image, vmas=vmas)
 
 
 class _Inside:

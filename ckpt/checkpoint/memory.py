@@ -210,9 +210,23 @@ def to_vma(m: Mapping, runs: tuple[PageRun, ...], file_id: int | None) -> Vma:
     prot = e.perms[:3]
     return Vma(start=e.start, end=e.end, prot=prot, shared=m.shared, kind=m.kind,
                name=e.name, file=file_id, offset=e.offset if m.kind == "file" else 0,
-               growsdown="gd" in e.vmflags,
-               advice=tuple(v for k, v in ADVICE_FLAGS.items() if k in e.vmflags),
-               runs=runs)
+               runs=runs, **vma_flags(e.vmflags))
+
+
+def vma_flags(vmflags: frozenset[str]) -> dict:
+    """The Vma fields that come from smaps' VmFlags."""
+    return dict(growsdown="gd" in vmflags,
+                advice=tuple(v for k, v in ADVICE_FLAGS.items() if k in vmflags))
+
+
+def pages_present(pid: int, addrs: list[int]) -> list[bool]:
+    """Whether each page is present or swapped in pid (its pagemap entry)."""
+    fd = os.open(procfs.path(pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return [bool(struct.unpack("<Q", os.pread(fd, 8, a // PAGE * 8))[0] >> 62)
+                for a in addrs]
+    finally:
+        os.close(fd)
 
 
 class _Iovec(ctypes.Structure):

@@ -2,11 +2,13 @@
  * a program that keeps writing while it is dumped, and a watch for any
  * trace the snapshot's child could leave.
  *
- *   cowtarget SIZE_MIB FLAG
+ *   cowtarget SIZE_MIB FLAG [nodf]
  *
  * Maps SIZE_MIB of private anonymous memory (B) filled with a pattern, and
  * 64 pages each of: MADV_DONTFORK (D), MADV_WIPEONFORK (W), and
- * MAP_SHARED|MAP_ANONYMOUS (S), each filled with its own pattern. Counts
+ * MAP_SHARED|MAP_ANONYMOUS (S), each filled with its own pattern. With
+ * "nodf", D is MADV_DONTDUMP instead and B is MADV_HUGEPAGE (no mapping
+ * is left out of a fork). Counts
  * SIGCHLD (a handler). Prints "ready", then loops until FLAG exists: bumps a
  * generation number and stores it in the first word of B, D, W and S (one
  * after the other, never stopping in between), and calls
@@ -73,8 +75,9 @@ int main(int argc, char **argv)
 	if (sigaction(SIGCHLD, &sa, NULL))
 		return 103;
 	int priv = MAP_PRIVATE | MAP_ANONYMOUS;
-	uint64_t *b = area(big, priv, -1, 1);
-	uint64_t *d = area(small, priv, MADV_DONTFORK, 2);
+	int nodf = argc > 3 && !strcmp(argv[3], "nodf");
+	uint64_t *b = area(big, priv, nodf ? MADV_HUGEPAGE : -1, 1);
+	uint64_t *d = area(small, priv, nodf ? MADV_DONTDUMP : MADV_DONTFORK, 2);
 	uint64_t *w = area(small, priv, MADV_WIPEONFORK, 3);
 	uint64_t *s = area(small, MAP_SHARED | MAP_ANONYMOUS, -1, 4);
 	printf("ready\n");
