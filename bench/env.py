@@ -81,6 +81,8 @@ class Env:
         self.ckpt_env = {k: v for k, v in os.environ.items()
                          if not k.startswith(("CKPT_", "PYTHON"))}
         self.ckpt_env["PYTHONPATH"] = self.lib
+        # Restore tickets (the native launcher) in a cache of the bench's own.
+        self.ckpt_env["XDG_CACHE_HOME"] = self.shm
         self.ckpt = [self.python, "-m", "ckpt"]
         self._check_ckpt()
         self.extra_modules = self._extra_modules()

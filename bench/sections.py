@@ -193,7 +193,7 @@ def restore_env(env, via: str) -> dict:
 
 def guarded(env, via: str, fn):
     """Run fn() as is, or for ./img while no newer binfmt entry shadows ours."""
-    return env.binfmt.run(fn) if via.startswith("binfmt") else fn()
+    return env.binfmt.run(fn) if via and via.startswith("binfmt") else fn()
 
 
 def restore_hold(env, image: str, via: str) -> dict:
@@ -309,7 +309,9 @@ def exec_section(env, n: int, log) -> dict:
 def warm_section(env, n: int, as_user: bool, log) -> dict:
     """Warm start, measured by bench.worker as root or as the bench user."""
     base = env.user_dir(env.shm) if as_user else env.shm
-    config = {"ckpt": env.ckpt, "ckpt_env": env.ckpt_env, "python": "/usr/bin/python3",
+    # The bench user's restore tickets go to a cache it owns (its own dir).
+    config = {"ckpt": env.ckpt, "ckpt_env": dict(env.ckpt_env, XDG_CACHE_HOME=base),
+              "python": "/usr/bin/python3",
               "warm_py": os.path.join(env.root, "warm.py"), "modules": env.extra_modules,
               "dir": base, "n": n,
               "binfmt": env.binfmt.config() if env.binfmt_name else None}
