@@ -231,14 +231,18 @@ for _verb, _doc in (
 
 @binfmt.command("files")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--launcher", default="/usr/local/bin/ckpt-launcher", show_default=True)
-def binfmt_files(directory: str, launcher: str) -> None:
+@click.option("--launcher", default="/usr/local/bin/ckpt-launcher", show_default=True,
+              help="The launcher script `ckpt binfmt register --launcher` writes; "
+                   "the files name the native launcher beside it (LAUNCHER-native).")
+@click.option("--no-native", is_flag=True, help="Name the script itself (no restore tickets).")
+def binfmt_files(directory: str, launcher: str, no_native: bool) -> None:
     """Write the systemd binfmt.d and binfmt-support files into DIRECTORY."""
     import os
     from . import binfmt as b
+    interpreter = launcher if no_native else launcher + b.NATIVE_SUFFIX
     os.makedirs(directory, exist_ok=True)
-    for fname, text in (("ckpt.conf", b.systemd_conf(launcher)),
-                        ("ckpt.binfmt-support", b.binfmt_support(launcher))):
+    for fname, text in (("ckpt.conf", b.systemd_conf(interpreter)),
+                        ("ckpt.binfmt-support", b.binfmt_support(interpreter))):
         with open(os.path.join(directory, fname), "w") as f:
             f.write(text)
         click.echo(os.path.join(directory, fname))

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -48,6 +49,11 @@ CKPT_ENV = _ckpt_env()
 
 
 def pytest_configure(config) -> None:
+    # Restore tickets go to the suite's own cache, not the caller's ~/.cache
+    # (tests that check the cache location set their own).
+    cache = pathlib.Path(tempfile.mkdtemp(prefix="ckpt-test-cache-"))
+    os.environ["XDG_CACHE_HOME"] = CKPT_ENV["XDG_CACHE_HOME"] = str(cache)
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
