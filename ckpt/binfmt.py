@@ -72,18 +72,22 @@ def write_native(path: str) -> str | None:
     src = built_native()
     if src is None:
         return None
-    dst = path + NATIVE_SUFFIX
-    tmp = f"{dst}.{os.getpid()}.tmp"
+    with open(src, "rb") as f:
+        return _install(path + NATIVE_SUFFIX, f.read())
+
+
+def _install(path: str, data: bytes) -> str:
+    """Write an executable launcher at path atomically (temp + rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(src, "rb") as f:
-            data = f.read()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o755)
-        os.rename(tmp, dst)
+        os.rename(tmp, path)
     except OSError as e:
-        raise CkptError(Status.BINFMT, f"cannot write the launcher {dst}: {e.strerror}")
-    return dst
+        raise CkptError(Status.BINFMT, f"cannot write the launcher {path}: {e.strerror}")
+    return path
 
 
 def write_launcher(path: str) -> list[str]:
@@ -92,16 +96,7 @@ def write_launcher(path: str) -> list[str]:
     paths = sorted({os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
                     for m in (ckpt, msgpack, blake3)})
     python = os.path.realpath(sys.executable)
-    text = SCRIPT.format(python=python, paths=paths)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, path)
-    except OSError as e:
-        raise CkptError(Status.BINFMT, f"cannot write the launcher {path}: {e.strerror}")
+    _install(path, SCRIPT.format(python=python, paths=paths).encode())
     return [f"{p} is not reachable by other users, so only root can run ./app.ckpt "
             "(install ckpt outside a private home, e.g. a venv under /opt)"
             for p in [python, path] + paths if not _world_reachable(p)]
