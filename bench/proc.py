@@ -10,6 +10,7 @@ bench is a child subreaper, so orphans are ours to reap (reap_zombies).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -111,6 +112,24 @@ def read_exact(fd: int, n: int, timeout: float, what: str) -> bytes:
             raise BenchError(f"EOF while waiting for {what} (got {out!r})")
         out += chunk
     return out
+
+
+@contextlib.contextmanager
+def ready_target(argv: list[str], timeout: float, what: str):
+    """Start argv with its stdin and stdout on pipes, wait for its first
+    byte ("ready"), yield its pid; kill it and close the pipes after."""
+    rin, win = os.pipe()
+    rout, wout = os.pipe()
+    pid = spawn(argv, stdin=rin, stdout=wout)
+    os.close(rin)
+    os.close(wout)
+    try:
+        read_exact(rout, 1, timeout, what)
+        yield pid
+    finally:
+        kill(pid)
+        os.close(win)
+        os.close(rout)
 
 
 def stderr_file(directory: str) -> tuple[int, str]:

@@ -29,8 +29,8 @@ import sys
 
 from . import sections
 from .env import Env
-from .proc import (BenchError, become_subreaper, cloexec_inherited_fds, kill, read_exact,
-                   reap_zombies, spawn, time_to_bytes)
+from .proc import (BenchError, become_subreaper, cloexec_inherited_fds, ready_target,
+                   reap_zombies, time_to_bytes)
 
 # Run as `python -IS -c DUMP_HARNESS LIB PID OUT MARKS`.
 DUMP_HARNESS = r'''
@@ -364,36 +364,16 @@ def main(argv=None) -> int:
         os.unlink(image)
 
         tiny = os.path.join(env.shm, "tiny.ckpt")
-        rin, win = os.pipe()
-        rout, wout = os.pipe()
-        pid = spawn([os.path.join(env.bin, "tiny")], stdin=rin, stdout=wout)
-        os.close(rin)
-        os.close(wout)
-        try:
-            read_exact(rout, 1, 30, "tiny")
+        with ready_target([os.path.join(env.bin, "tiny")], 30, "tiny") as pid:
             sections.dump_file(env, pid, tiny)
-        finally:
-            kill(pid)
-            os.close(win)
-            os.close(rout)
         for _ in range(2):              # the first run warms caches
             profile_restore(env, tiny, b"x", b"x", "restore of the tiny C program")
         os.unlink(tiny)
 
         warm = os.path.join(env.shm, "warm.ckpt")
-        rin, win = os.pipe()
-        rout, wout = os.pipe()
-        pid = spawn(["/usr/bin/python3", "-I", os.path.join(env.root, "warm.py"),
-                     *env.extra_modules], stdin=rin, stdout=wout)
-        os.close(rin)
-        os.close(wout)
-        try:
-            read_exact(rout, 1, 120, "the warm python")
+        with ready_target(["/usr/bin/python3", "-I", os.path.join(env.root, "warm.py"),
+                           *env.extra_modules], 120, "the warm python") as pid:
             sections.dump_file(env, pid, warm)
-        finally:
-            kill(pid)
-            os.close(win)
-            os.close(rout)
         for _ in range(2):
             profile_restore(env, warm, b"x", b"x",
                             f"restore of the warm python ({os.path.getsize(warm) >> 20} MiB)")

@@ -15,7 +15,7 @@ import struct
 import subprocess
 import time
 
-from .proc import (DEVNULL, BenchError, kill, now, read_exact, reap_zombies,
+from .proc import (DEVNULL, BenchError, kill, now, read_exact, ready_target, reap_zombies,
                    spawn, stderr_file, tail, time_to_bytes, time_to_exit, wait)
 
 MiB = 1 << 20
@@ -271,18 +271,8 @@ def size_section(env, mib: int, rounds: int, log) -> dict:
 def exec_section(env, n: int, log) -> dict:
     """exec -> answering of a tiny C program's image, vs plain fork+exec."""
     image = os.path.join(env.shm, "tiny.ckpt")
-    rin, win = os.pipe()
-    rout, wout = os.pipe()
-    pid = spawn([os.path.join(env.bin, "tiny")], stdin=rin, stdout=wout)
-    os.close(rin)
-    os.close(wout)
-    try:
-        read_exact(rout, 1, 30, "tiny to start")
+    with ready_target([os.path.join(env.bin, "tiny")], 30, "tiny to start") as pid:
         dumped = dump_file(env, pid, image)
-    finally:
-        kill(pid)
-        os.close(win)
-        os.close(rout)
 
     def first_byte(argv, data, marks, ckpt_env=None, via=None):
         return lambda: {"ns": guarded(env, via, lambda: time_to_bytes(

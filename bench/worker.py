@@ -20,8 +20,8 @@ import json
 import os
 import sys
 
-from .proc import (BenchError, BinfmtWatch, become_subreaper, cloexec_inherited_fds, kill, read_exact, reap_zombies, spawn,
-                   time_to_bytes, time_to_exit)
+from .proc import (BenchError, BinfmtWatch, become_subreaper, cloexec_inherited_fds,
+                   ready_target, reap_zombies, time_to_bytes, time_to_exit)
 
 SIDE_EVERY = 4
 
@@ -36,23 +36,13 @@ def main() -> None:
     out: dict = {"modules": cfg["modules"], "errors": {}, "cold": [], "binfmt": [], "cli": [],
                  "binfmt_mapped": [], "cli_mapped": []}
 
-    rin, win = os.pipe()
-    rout, wout = os.pipe()
-    pid = spawn(target, stdin=rin, stdout=wout)
-    os.close(rin)
-    os.close(wout)
-    try:
-        read_exact(rout, 1, 120, "the warm target to import its modules")
+    with ready_target(target, 120, "the warm target to import its modules") as pid:
         res = time_to_exit(cfg["ckpt"] + ["dump", str(pid), "-o", image],
                            env=cfg["ckpt_env"], timeout=300, errdir=d)
         out["dump"] = {"ns": res["ns"], "maxrss_kib": res["maxrss_kib"]}
         with open(f"/proc/{pid}/status") as f:
             out["target_rss_kib"] = next(int(ln.split()[1]) for ln in f
                                          if ln.startswith("VmRSS:"))
-    finally:
-        kill(pid)
-        os.close(win)
-        os.close(rout)
     out["image_bytes"] = os.path.getsize(image)
 
     runs = {
