@@ -123,9 +123,11 @@ def inspect(image: str, as_json: bool) -> None:
               help="Check as `ckpt restore --as-caller` would.")
 @click.option("--restore-creds", is_flag=True, envvar="CKPT_RESTORE_CREDS",
               help="Check as `ckpt restore --restore-creds` would.")
+@click.option("--mapped", is_flag=True, envvar="CKPT_MAPPED",
+              help="Check as `ckpt restore --mapped` would (the image's guard).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def verify(image: str, key_path: str | None, as_caller: bool, restore_creds: bool,
-           quiet: bool) -> None:
+           mapped: bool, quiet: bool) -> None:
     """Check IMAGE as a restore would, without restoring: the policy,
     structure and checksums, signatures, the values it holds, this machine,
     credentials, and every file it needs (exists, readable by you, the same
@@ -136,7 +138,8 @@ def verify(image: str, key_path: str | None, as_caller: bool, restore_creds: boo
     if key_path:
         from .sign import read_public_key
         key = read_public_key(key_path)
-    report = do_verify(image, key=key, as_caller=as_caller, restore_creds=restore_creds)
+    report = do_verify(image, key=key, as_caller=as_caller, restore_creds=restore_creds,
+                       mapped=mapped)
     if not quiet or report.failures:
         click.echo(report.text(), nl=False)
     if report.failures:

@@ -58,7 +58,7 @@ class Report:
 
 
 def verify(path: str, *, key: bytes | None = None, as_caller: bool = False,
-           restore_creds: bool = False) -> Report:
+           restore_creds: bool = False, mapped: bool = False) -> Report:
     from . import restore as R
     from .restore.policy import Policy, check_caller, load_policy, policy_path
 
@@ -76,9 +76,12 @@ def verify(path: str, *, key: bytes | None = None, as_caller: bool = False,
         rep.fail(e)
         return rep
     try:
+        if mapped:
+            _step(rep, lambda: R.check_mappable(image_fd, path),
+                  "mapped restore: only you or root can change the image")
         image = _read(rep, R, image_fd, path, policy, key)
         if image is not None:
-            _image_checks(rep, R, image, image_fd, policy, as_caller, restore_creds)
+            _image_checks(rep, R, image, image_fd, policy, as_caller, restore_creds, mapped)
     finally:
         os.close(image_fd)
     return rep
@@ -146,7 +149,7 @@ def _read(rep: Report, R, image_fd: int, name: str, policy, key) -> Image | None
 
 
 def _image_checks(rep: Report, R, image: Image, image_fd: int, policy,
-                  as_caller: bool, restore_creds: bool) -> None:
+                  as_caller: bool, restore_creds: bool, mapped: bool) -> None:
     valid = _step(rep, lambda: validate_image(image, name=rep.name),
                   "validated: every value is one the kernel and the restorer accept")
     _step(rep, lambda: R.check_host(image), "this machine can host it (same kernel, limits)")
@@ -158,10 +161,10 @@ def _image_checks(rep: Report, R, image: Image, image_fd: int, policy,
     if not valid:
         rep.skip("files, working directory, plan: not checked (the image is invalid)")
         return
-    _files_and_plan(rep, R, image, image_fd)
+    _files_and_plan(rep, R, image, image_fd, mapped)
 
 
-def _files_and_plan(rep: Report, R, image: Image, image_fd: int) -> None:
+def _files_and_plan(rep: Report, R, image: Image, image_fd: int, mapped: bool) -> None:
     try:
         files = R.open_files(image)
     except CkptError as e:
@@ -186,7 +189,7 @@ def _files_and_plan(rep: Report, R, image: Image, image_fd: int) -> None:
         rep.skip("restore plan: not built (files missing)")
         return
     try:
-        _plan_checks(R, image, files, image_fd)
+        _plan_checks(R, image, files, image_fd, mapped)
         rep.ok("restore plan built and checked")
     except CkptError as e:
         rep.fail(e)
@@ -194,13 +197,13 @@ def _files_and_plan(rep: Report, R, image: Image, image_fd: int) -> None:
         files.close()
 
 
-def _plan_checks(R, image: Image, files, image_fd: int) -> None:
+def _plan_checks(R, image: Image, files, image_fd: int, mapped: bool) -> None:
     """What restore checks between the files and the jump: the plan (signal
     frames, fd layout) and the stub's own preconditions (as launch() checks
     them before it maps anything)."""
     from .restore import stub
     from .restore.plan import encode
-    plan = R.build_plan(image, files, image_fd)
+    plan = R.build_plan(image, files, image_fd, mapped=mapped)
     try:
         maps = stub._maps()
         vdso_cur, vdso_len = stub.vdso_block(maps)

@@ -202,6 +202,9 @@ def test_guard_refuses_an_image_others_could_change(programs, talkers, tmp_path)
     os.chmod(image, 0o664)
     msg = one_line(ckpt("restore", "--mapped", image), Status.USAGE)
     assert "only its owner can write (mode 0664)" in msg and "chmod go-w" in msg, msg
+    v = ckpt("verify", "--mapped", image)          # verify says the same
+    assert v.returncode == Status.USAGE and "(mode 0664)" in v.stderr, v
+    assert ckpt("verify", image).returncode == 0   # a copied restore would go ahead
     os.chmod(image, 0o646)
     r = ckpt("restore", image, env=dict(CKPT_ENV, CKPT_MAPPED="1"))
     assert "(mode 0646)" in one_line(r, Status.USAGE)
