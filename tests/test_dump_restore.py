@@ -45,6 +45,13 @@ def not_stopped(target) -> None:
     assert state not in ("t", "T"), f"target {target.pid} left in state {state}"
 
 
+def kill_after_dump(target) -> None:
+    """The dump left the target running, not stopped; now it goes."""
+    assert target.alive(), "the target must keep running after a dump"
+    not_stopped(target)
+    target.kill()
+
+
 # --- 1. a C program with 256 MiB of heap and two open files -----------------------------
 
 def run_heap(heap, dir: pathlib.Path, start, size_mib: int, rounds: int, sleep_ms: int = 0,
@@ -81,9 +88,7 @@ def test_heap_256mib_checksum_and_file_offsets(programs, start, tmp_path):
     wait_lines(run / "progress", FILL_LINES + 3, target=target)
     image = tmp_path / "heap.ckpt"
     dump(target.pid, image)
-    assert target.alive(), "the target must keep running after a dump"
-    not_stopped(target)
-    target.kill()
+    kill_after_dump(target)
     append_at_kill = (run / "append").read_bytes()
 
     img = inspect_json(image)
@@ -118,9 +123,7 @@ def test_nanosleep_loop(programs, start, tmp_path):
     image = tmp_path / "nsleep.ckpt"
     dump(target.pid, image)
     after = len(read_lines(target.stdout_path))
-    assert target.alive()
-    not_stopped(target)
-    target.kill()
+    kill_after_dump(target)
 
     regs = inspect_json(image)["threads"][0]["regs"]
     assert regs["rax"] == regs["orig_rax"] == 230, \
@@ -146,9 +149,7 @@ def test_pause_with_signal_handler(programs, start, tmp_path):
     wait_for(lambda: target.state() == "S", 10, "the target to sleep in pause()")
     image = tmp_path / "pause.ckpt"
     dump(target.pid, image)
-    assert target.alive()
-    not_stopped(target)
-    target.kill()
+    kill_after_dump(target)
     handlers = {a["signo"] for a in inspect_json(image)["process"]["sigactions"]}
     assert signal.SIGUSR1 in handlers
 
@@ -315,9 +316,7 @@ def test_python3_script(start, tmp_path, flags):
     image = tmp_path / "python.ckpt"
     dump(target.pid, image)
     after = len(read_lines(target.stdout_path))
-    assert target.alive()
-    not_stopped(target)
-    target.kill()
+    kill_after_dump(target)
 
     r = restore(image)
     assert r.returncode == 6, r
