@@ -219,6 +219,73 @@ static void fill(const struct plan_run *run)
 	}
 }
 
+/*
+ * Copying is bound by page faults on fresh memory, not by the copy: in a VM
+ * each first touch of a 4 KiB page may also fault in the host. Two cheaper
+ * ways to get the same pages, both pure optimisations (any error: pread
+ * alone, as before):
+ *  - MADV_POPULATE_WRITE allocates a run's pages in one call, without a
+ *    fault per page during the pread (about 15-20% faster here);
+ *  - in a private anonymous VMA, every 2 MiB block a run covers entirely
+ *    (so the original had all 512 pages too: no extra memory) becomes one
+ *    huge page with MADV_COLLAPSE, which unlike MADV_HUGEPAGE leaves the
+ *    VMA's flags as saved. It needs one page in place first. Collapse may
+ *    have to compact memory; when a call is slower than faulting the pages
+ *    in would have been, the stub stops using it for this restore.
+ */
+#define HUGE       (2ULL << 20)
+#define COLLAPSE_CHUNK  8               /* blocks per madvise call */
+#define COLLAPSE_NS_PER_BLOCK 1000000   /* ~ 512 faults of 4 KiB here */
+
+static int collapse_off;
+
+static u64 now_ns(void)
+{
+	struct { s64 sec, nsec; } ts;
+
+	if (sys2(__NR_clock_gettime, 1 /* CLOCK_MONOTONIC */, (long)&ts) < 0)
+		return 0;
+	return (u64)ts.sec * 1000000000ULL + (u64)ts.nsec;
+}
+
+static void read_page(const struct plan_run *run, u64 addr)
+{
+	long r = sys4(__NR_pread64, (long)P->image_fd, (long)addr, 4096,
+		      (long)(run->offset + (addr - run->addr)));
+
+	check(r, "pread page data", addr);
+}
+
+static void collapse_blocks(const struct plan_run *run)
+{
+	u64 lo = (run->addr + HUGE - 1) & ~(HUGE - 1);
+	u64 hi = (run->addr + run->len) & ~(HUGE - 1);
+	u64 a, b, n, t;
+	long r;
+
+	for (a = lo; a < hi && !collapse_off; a += n * HUGE) {
+		n = (hi - a) / HUGE;
+		if (n > COLLAPSE_CHUNK)
+			n = COLLAPSE_CHUNK;
+		for (b = 0; b < n; b++)
+			read_page(run, a + b * HUGE);
+		t = now_ns();
+		r = sys3(__NR_madvise, (long)a, (long)(n * HUGE), MADV_COLLAPSE);
+		if (r < 0 || now_ns() - t > n * COLLAPSE_NS_PER_BLOCK)
+			collapse_off = 1;
+	}
+}
+
+static void copy_run(const struct plan_vma *v, const struct plan_run *run)
+{
+	if ((v->flags & (PV_ANON | PV_SHARED | PV_GROWSDOWN)) == PV_ANON &&
+	    !(v->advice & PA_NOHUGEPAGE) && !collapse_off)
+		collapse_blocks(run);
+	sys3(__NR_madvise, (long)run->addr, (long)run->len,
+	     MADV_POPULATE_WRITE);
+	fill(run);
+}
+
 /* Mapped restore: the run's pages become a private mapping of the image
    (the VMA is already mapped: MAP_FIXED replaces that part of it). */
 static void map_run(const struct plan_run *run, u32 prot)
@@ -294,7 +361,7 @@ static void map_memory(void)
 			if (vr[j].flags & PR_MAP)
 				map_run(&vr[j], v->prot);
 			else
-				fill(&vr[j]);
+				copy_run(v, &vr[j]);
 		}
 		if (prot != v->prot)
 			check(sys3(__NR_mprotect, (long)v->start,

@@ -45,6 +45,7 @@ typedef unsigned long ulong;
 #define __NR_timer_create       222
 #define __NR_timer_settime      223
 #define __NR_timer_delete       226
+#define __NR_clock_gettime      228
 
 #define PROT_READ       0x1
 #define PROT_WRITE      0x2
@@ -64,6 +65,8 @@ typedef unsigned long ulong;
 #define MADV_DONTFORK   10
 #define MADV_DONTDUMP   16
 #define MADV_WIPEONFORK 18
+#define MADV_POPULATE_WRITE 23
+#define MADV_COLLAPSE   25
 
 #define SIG_BLOCK       0
 #define SIG_SETMASK     2

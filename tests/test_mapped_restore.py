@@ -5,7 +5,9 @@ Real programs dumped, killed and restored mapped: the memory arrives, the
 heap, the stack and a fork work, the image is in /proc/PID/maps and not
 among the fds, writes never reach the image; threads and python3 come
 back; the guard refuses an image others could change; a required
-signature still catches a tampered page.
+signature still catches a tampered page. And a copied restore gets the
+same memory as huge pages where the original had whole 2 MiB blocks,
+without changing the VMA's flags.
 """
 from __future__ import annotations
 
@@ -159,6 +161,52 @@ def test_64mib_restored_mapped(programs, talkers, tmp_path, how):
     assert r.ask(b"v") == b"V"
     assert r.finish() == (0, "")
     assert sha(image) == before
+
+
+def smaps_areas(pid: int) -> list[tuple[int, int, dict, set]]:
+    """(start, end, {field: kB}, VmFlags) per VMA of /proc/PID/smaps."""
+    areas = []
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                areas.append((lo, hi, {}, set()))
+            elif head == "VmFlags:":
+                areas[-1][3].update(line.split()[1:])
+            elif line.split()[-1] == "kB":
+                areas[-1][2][head.rstrip(":")] = int(line.split()[1])
+    return areas
+
+
+def test_copied_restore_fills_whole_blocks_as_huge_pages(programs, talkers, tmp_path):
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" in thp:
+        pytest.skip("transparent huge pages are off on this machine")
+    target = talkers([programs("mapmem"), 64])
+    assert target.read1() == b"R"
+    area = max(smaps_areas(target.p.pid), key=lambda a: a[2].get("Anonymous", 0))
+    assert area[2]["AnonHugePages"] == 0 and area[1] - area[0] >= 64 << 20, area
+    image = tmp_path / "mapmem.ckpt"
+    dump(target.p.pid, image)
+    target.kill()
+    r = talkers(CKPT + ["restore", image])
+    assert r.ask(b"v") == b"V"
+    # The 64 MiB area is back at its place, partly as huge pages (MADV_COLLAPSE
+    # of the 2 MiB blocks it fills), with its saved flags: no hg, no nh.
+    same = [a for a in smaps_areas(r.p.pid) if a[:2] == area[:2]]
+    assert len(same) == 1, (area, same)
+    fields, flags = same[0][2], same[0][3]
+    assert fields["AnonHugePages"] >= 2048, fields
+    assert fields["Rss"] == area[2]["Rss"], (fields, area)
+    assert flags == area[3], (flags, area[3])
+    # Huge pages behave as the small ones did: a DONTNEED'd page reads as
+    # zeros, a fork sees the memory, writes stay private.
+    assert r.ask(b"d") == b"Z"
+    assert r.ask(b"f") == b"F"
+    assert r.ask(b"w") == b"W"
+    assert r.ask(b"v") == b"V"
+    assert r.finish() == (0, "")
 
 
 def test_threads8_restored_mapped(programs, start, tmp_path):
