@@ -57,13 +57,14 @@ def summarize(result: dict) -> tuple[dict, list[dict]]:
     for s in result.get("sizes", []):
         mib = s["size_mib"]
         row: dict = {"size_mib": mib}
-        for k in ("ceiling_write", "ceiling_pipe", "dump_file", "dump_pipe",
-                  "ceiling_touch", "cat_image") + RESTORES:
+        for k in ("ceiling_write", "ceiling_pipe", "ceiling_splice", "dump_file",
+                  "dump_pipe", "ceiling_touch", "cat_image") + RESTORES:
             samples = s.get(k) or []
             row[k] = {"ns": _stat(_ns(samples)), "gbps": _rate(samples)}
+        for k in ("ceiling_splice", "dump_file", "dump_pipe"):
+            row[k]["vs_ceiling_write"] = _ratio(row[k]["gbps"], row["ceiling_write"]["gbps"])
         for k in ("dump_file", "dump_pipe"):
             samples = s.get(k) or []
-            row[k]["vs_ceiling_write"] = _ratio(row[k]["gbps"], row["ceiling_write"]["gbps"])
             row[k]["max_gap_ns"] = _stat(_ns(samples, "max_gap_ns"))
             row[k]["stall_ns"] = _stat(_ns(samples, "stall_ns"))
             row[k]["stopped_share"] = _stat([x["max_gap_ns"] / x["ns"] for x in samples
@@ -181,6 +182,7 @@ def table(result: dict) -> str:
         rows = [["", "min ms", "median ms", "GB/s", "vs ceiling", "stopped ms",
                  "stopped %", "peak RSS"]]
         for key, label in (("ceiling_write", "ceiling: write(2) to tmpfs"),
+                           ("ceiling_splice", "ceiling: vmsplice+splice to tmpfs"),
                            ("dump_file", "ckpt dump -o /dev/shm/x"),
                            ("dump_pipe", "ckpt dump -o - | cat"),
                            ("ceiling_pipe", "ceiling: write(2) to | cat")):

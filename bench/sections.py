@@ -106,11 +106,12 @@ def _ceiling(env, args: list[str]) -> int:
     return int(r.stdout.split()[-1])
 
 
-def ceiling_write(env, mib: int) -> dict:
+def ceiling_write(env, mib: int, how: str = "write") -> dict:
     """The file stays until the next round's write replaces it (as a dump
-    replaces its image): both find the same amount of just-freed memory."""
+    replaces its image): both find the same amount of just-freed memory.
+    how "splice": the same bytes vmspliced and spliced (zero-copy)."""
     path = os.path.join(env.shm, f"ceiling-{mib}.tmp")
-    return {"ns": _ceiling(env, ["write", str(mib), str(WRITE_CHUNK_KIB), path]),
+    return {"ns": _ceiling(env, [how, str(mib), str(WRITE_CHUNK_KIB), path]),
             "bytes": mib * MiB}
 
 
@@ -244,6 +245,7 @@ def size_section(env, mib: int, rounds: int, log) -> dict:
             "dump_file": dump_to_file,
             "dump_pipe": dump_to_pipe,
             "ceiling_pipe": lambda: ceiling_pipe(env, mib),
+            "ceiling_splice": lambda: ceiling_write(env, mib, "splice"),
         }, log, f"{label} dump")
         # The pipe's bytes are the file image's (same process, same pages).
         size = samples["dump_file"][-1]["bytes"] if samples["dump_file"] else mib * MiB

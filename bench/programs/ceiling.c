@@ -8,6 +8,12 @@
  *                                           starts: the write then finds as
  *                                           much just-freed memory as a dump
  *                                           that replaces its old image.
+ *   ceiling splice SIZE_MIB CHUNK_KIB PATH  the same as write, but zero-copy
+ *                                           from the process: vmsplice the
+ *                                           memory into a pipe of CHUNK_KIB
+ *                                           and splice that to PATH (what a
+ *                                           dumper that never touches the
+ *                                           data, like CRIU's, can do at best)
  *   ceiling pipe  SIZE_MIB CHUNK_KIB        the same to fd 1 (a pipe)
  *   ceiling touch SIZE_MIB                  first touch (one store per page)
  *                                           of SIZE_MIB of fresh anonymous
@@ -24,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,6 +52,31 @@ static uint64_t *filled(size_t bytes)
 	return buf;
 }
 
+/* vmsplice [p, p + bytes) into a pipe of `chunk` bytes, splice it to fd. */
+static void splice_all(int fd, char *p, size_t bytes, size_t chunk)
+{
+	int pfd[2];
+
+	if (pipe(pfd) || fcntl(pfd[1], F_SETPIPE_SZ, (int)chunk) < 0)
+		exit(105);
+	while (bytes) {
+		struct iovec v = { p, bytes < chunk ? bytes : chunk };
+		ssize_t n = vmsplice(pfd[1], &v, 1, 0);
+		if (n <= 0)
+			exit(106);
+		p += n;
+		bytes -= n;
+		while (n) {
+			ssize_t k = splice(pfd[0], NULL, fd, NULL, n, 0);
+			if (k <= 0)
+				exit(107);
+			n -= k;
+		}
+	}
+	close(pfd[0]);
+	close(pfd[1]);
+}
+
 static void write_all(int fd, const char *p, size_t bytes, size_t chunk)
 {
 	while (bytes) {
@@ -63,7 +95,7 @@ int main(int argc, char **argv)
 	size_t bytes = (size_t)atol(argv[2]) << 20;
 	uint64_t t0, t1;
 
-	if (!strcmp(argv[1], "write") && argc == 5) {
+	if ((!strcmp(argv[1], "write") || !strcmp(argv[1], "splice")) && argc == 5) {
 		size_t chunk = (size_t)atol(argv[3]) << 10;
 		char *buf = (char *)filled(bytes);
 		unlink(argv[4]);
@@ -71,7 +103,10 @@ int main(int argc, char **argv)
 		int fd = open(argv[4], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 		if (fd < 0)
 			return 104;
-		write_all(fd, buf, bytes, chunk);
+		if (argv[1][0] == 'w')
+			write_all(fd, buf, bytes, chunk);
+		else
+			splice_all(fd, buf, bytes, chunk);
 		close(fd);
 		t1 = now_ns();
 		printf("%llu\n", (unsigned long long)(t1 - t0));
