@@ -127,16 +127,22 @@ def test_dump_into_a_missing_directory(start, programs, tmp_path):
 
 def test_dump_success_leaves_target_running_and_only_the_image(start, programs, tmp_path):
     """The counterpart of the failures: a good dump leaves exactly one file,
-    executable (honouring the umask), and the target running, untraced."""
+    executable, honouring the umask but never writable by group or others
+    (so a mapped restore's guard accepts it under a umask of 002), and the
+    target running, untraced."""
     target = sleeping(start, programs)
     outdir = tmp_path / "out"
     outdir.mkdir()
-    dump(target.pid, outdir / "ok.ckpt")
-    assert os.listdir(outdir) == ["ok.ckpt"]
-    mode = os.stat(outdir / "ok.ckpt").st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    assert mode == 0o777 & ~umask
+    old = os.umask(0o002)
+    try:
+        dump(target.pid, outdir / "ok.ckpt")
+        os.umask(0o077)
+        dump(target.pid, outdir / "private.ckpt")
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(outdir)) == ["ok.ckpt", "private.ckpt"]
+    assert os.stat(outdir / "ok.ckpt").st_mode & 0o777 == 0o755
+    assert os.stat(outdir / "private.ckpt").st_mode & 0o777 == 0o700
     running_unstopped(target)
 
 

@@ -597,8 +597,10 @@ def _robust_list(tid: int) -> tuple[int, int]:
 
 class Output:
     """The image file: a temp file renamed into place only when complete
-    (created with mode 0777 & ~umask, executable like a linker's output),
-    or stdout for `-o -`."""
+    (created with mode 0755 & ~umask: executable like a linker's output,
+    but never writable by group or others, since nothing should write into
+    an image and a mapped restore refuses one others could change), or
+    stdout for `-o -`."""
 
     def __init__(self, path: str):
         self.path, self.tmp = path, None
@@ -610,7 +612,7 @@ class Output:
         directory, base = os.path.split(os.path.abspath(path))
         self.tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
         try:
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o777)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
         except OSError as e:
             raise CkptError(Status.OUTPUT, f"cannot create {path}: {e.strerror}")
         self.file = os.fdopen(fd, "wb", buffering=0)
