@@ -39,8 +39,11 @@ def cli() -> None:
               help="Show progress on stderr (default: when it is a terminal).")
 @click.option("--sign", "sign_key", metavar="KEY",
               help="Sign the image with this private key (from `ckpt keygen`).")
+@click.option("--compress", metavar="zstd[:LEVEL]",
+              help="Store the memory zstd-compressed (LEVEL -7..19, default 3). "
+                   "Smaller images; restore decompresses, and can't map them.")
 def dump(pid: int, output: str, kill: bool, progress: bool | None,
-         sign_key: str | None) -> None:
+         sign_key: str | None, compress: str | None) -> None:
     """Save process PID into an image.
 
     Allowed exactly when you may ptrace PID. The process is stopped (it
@@ -48,9 +51,10 @@ def dump(pid: int, output: str, kill: bool, progress: bool | None,
     of its memory is made, then goes on while that copy is written, unless
     --kill (then it stays stopped until it is killed). The image is written
     to a temporary file and renamed into place, so a failed dump leaves
-    nothing that looks like an image. Single-threaded
-    processes with regular files, directories and /dev/null-like devices
-    open are supported; anything else is refused by name.
+    nothing that looks like an image. Processes (all their threads) with
+    regular files, directories and /dev/null-like devices open are
+    supported; anything else (child processes, sockets, seccomp, ...) is
+    refused by name.
     """
     from .checkpoint.dump import dump as do_dump
     if output == "-" and sys.stdout.isatty():
@@ -59,7 +63,18 @@ def dump(pid: int, output: str, kill: bool, progress: bool | None,
     if sign_key:                # before the target is touched: a bad key changes nothing
         from .sign import load_signer
         signer = load_signer(sign_key)
-    do_dump(pid, output, kill=kill, progress=progress, sign=signer)
+    level = None
+    if compress:                # likewise
+        from .image.format import zstd_level
+        try:
+            level = zstd_level(compress)
+            import zstandard  # noqa: F401
+        except ValueError as e:
+            raise CkptError(Status.USAGE, f"--compress {compress}: {e}") from None
+        except ImportError:
+            raise CkptError(Status.USAGE, "--compress needs the zstandard package "
+                            "(pip install zstandard)") from None
+    do_dump(pid, output, kill=kill, progress=progress, sign=signer, zstd_level=level)
 
 
 @cli.command(epilog=EPILOG)

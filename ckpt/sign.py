@@ -199,7 +199,7 @@ def sign_file(image_path: str, key_path: str) -> str:
         check_signatures(trailer, kept, name=image_path)
         tail = b"".join(fmt.signature_block(b.body, b.version, b.algorithm) for b in kept)
         tail += signer(trailer)
-        end = image.pages_offset + image.pages_length + fmt.TRAILER_SIZE
+        end = image.pages_offset + image.extra["stored_length"] + fmt.TRAILER_SIZE
         try:
             f.seek(end)
             f.write(tail)

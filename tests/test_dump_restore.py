@@ -226,6 +226,48 @@ def test_dump_to_a_pipe_restores(programs, start, tmp_path):
     suffix_start(ref_lines, r.stdout.splitlines(), before, after)
 
 
+def test_compressed_image_streamed_signed_restored(programs, start, tmp_path):
+    """`ckpt dump --compress zstd:1 -o -` streams a format 1.1 image whose
+    page data is zstd chunks; it can be inspected, signed and verified,
+    restores to the same result as an uninterrupted run, and is refused
+    (status 2, one line) by a mapped restore."""
+    from ckpt import sign
+    size, rounds = 64, 20
+    ref_status, ref_out, _ = heap_reference(programs, start, tmp_path / "ref", size, rounds)
+    run = tmp_path / "run"
+    target = run_heap(programs("heap"), run, start, size, rounds, sleep_ms=200)
+    wait_lines(run / "progress", FILL_LINES + 3, target=target)
+    image = tmp_path / "heap.ckpt"
+    with open(image, "wb") as out:
+        d = subprocess.run(CKPT + ["dump", str(target.pid), "-o", "-", "--compress", "zstd:1"],
+                           stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                           close_fds=True, env=CKPT_ENV, cwd=ROOT, timeout=120)
+    assert d.returncode == 0, d.stderr
+    kill_after_dump(target)
+    text = ckpt("inspect", image).stdout
+    assert "format 1.1" in text and "stored zstd-compressed" in text, text
+    r = ckpt("restore", "--mapped", image)
+    assert r.returncode == 2 and "compressed image can't be mapped" in r.stderr, r
+    assert len(r.stderr.splitlines()) == 1, r
+    priv, pub, _ = sign.keygen(str(tmp_path / "key"))
+    assert ckpt("sign", "--key", priv, image).returncode == 0
+    v = ckpt("verify", "--key", pub, image)
+    assert v.returncode == 0 and "a restore would go ahead" in v.stdout, v
+    r = restore(image, timeout=120)
+    assert r.returncode == ref_status, r
+    assert r.stdout == ref_out, r
+
+
+def test_compress_option_is_checked_before_the_target_is_touched(programs, start, tmp_path):
+    target = start([programs("sleeper")])
+    r = ckpt("dump", str(target.pid), "-o", tmp_path / "x.ckpt", "--compress", "lz4")
+    assert r.returncode == 2 and "unknown compression 'lz4'" in r.stderr, r
+    r = ckpt("dump", str(target.pid), "-o", tmp_path / "x.ckpt", "--compress", "zstd:99")
+    assert r.returncode == 2 and "outside -7..19" in r.stderr, r
+    assert not os.listdir(tmp_path) or "x.ckpt" not in os.listdir(tmp_path)
+    not_stopped(target)
+
+
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split()[1] for line in f if line.startswith("State:"))

@@ -326,10 +326,14 @@ def test_missing_file(tmp_path):
     (dict(major=0, minor=9), "format version 0.9"),
     (dict(machine=183), "architecture e_machine 183; this ckpt supports x86_64 (62)"),
     (dict(page_size=16384), "page size 16384; this ckpt supports 4096"),
-    (dict(minor=1, flags=4), "unknown header flags 0x4: image format 1.1 is newer"),
+    (dict(minor=2, flags=4), "unknown header flags 0x4: image format 1.2 is newer"),
 ])
 def test_unsupported(header, match):
     fails(seal(record_maps(), **header), UNSUPPORTED, match)
+
+
+def test_unknown_flag_in_a_known_minor_version_is_corrupt():
+    fails(seal(record_maps(), minor=1, flags=4), CORRUPT, "unknown header flags 0x4")
 
 
 def test_version_2_with_garbage_after_version():
@@ -348,6 +352,91 @@ def test_version_2_shorter_than_a_v1_header():
 def test_newer_minor_is_read_when_it_adds_nothing_unknown():
     got = read_bytes(seal(record_maps(), minor=7))
     assert (got.header.version_major, got.header.version_minor) == (1, 7)
+
+
+# --- compressed page data (format 1.1) ---------------------------------------------
+
+def zchunk(data: bytes, *, level=3, content_size=True, dlen=None, slen=None,
+           after=b"") -> bytes:
+    """One stored chunk: CHUNK_HEAD + a zstd frame of data (+ `after`)."""
+    import zstandard
+    frame = zstandard.ZstdCompressor(level=level, write_content_size=content_size) \
+        .compress(data) + after
+    return fmt.CHUNK_HEAD.pack(len(frame) if slen is None else slen,
+                               len(data) if dlen is None else dlen) + frame
+
+
+def zsealed(stored: bytes, pages_length: int | None = None, **header) -> bytes:
+    header = dict(minor=1, flags=fmt.FLAG_ZSTD) | header
+    return seal(record_maps(), stored, pages_length=pages_length or len(page_data(make_image())),
+                **header)
+
+
+def test_compressed_round_trip():
+    image = make_image()
+    pages = page_data(image)
+    buf = io.BytesIO()
+    n = write_image(buf, image, chunks(pages), zstd_level=1)
+    data = buf.getvalue()
+    assert n == len(data) < len(image_bytes(image))
+    h = fmt.HeaderFields._make(fmt.HEADER.unpack(data[:fmt.HEADER_SIZE]))
+    assert (h.minor, h.flags, h.pages_length) == (1, fmt.FLAG_ZSTD, len(pages))
+    out = io.BytesIO()
+    got = read_bytes(data, inflate_to=out)
+    assert out.getvalue() == pages
+    assert (got.header.version_minor, got.header.flags) == (1, fmt.FLAG_ZSTD)
+    assert got == replace(expected(image, got.pages_offset, len(pages)), header=got.header)
+    assert got.extra["stored_length"] == len(data) - got.pages_offset - fmt.TRAILER_SIZE
+    skipped = read_bytes(data, verify_pages=False)     # chunks skipped, not inflated
+    assert skipped == got and skipped.extra["stored_length"] == got.extra["stored_length"]
+    assert "stored zstd-compressed" in summarize(got)
+    # An uncompressed image is still format 1.0, flags 0, whatever this reader knows.
+    assert image_bytes(image)[8:12] == b"\x01\x00\x00\x00"
+
+
+def test_compressed_chunks_are_split_at_the_limit():
+    from ckpt.image.writer import _compressed
+    stored = list(_compressed([bytes(fmt.MAX_CHUNK_DATA + PAGE), bytes(PAGE)], 1))
+    assert [fmt.CHUNK_HEAD.unpack(c[:8])[1] for c in stored] == \
+        [fmt.MAX_CHUNK_DATA, PAGE, PAGE]
+
+
+def test_compressed_page_data_defects():
+    pages = page_data(make_image())
+    n = len(pages)
+    good = zchunk(pages[:PAGE]) + zchunk(pages[PAGE:])
+    assert read_bytes(zsealed(good)).pages_length == n
+    import zstandard
+    for stored, match in [
+        (zchunk(pages, dlen=0), "chunk 0: data_length 0 is not in"),
+        (zchunk(pages, dlen=n + PAGE), f"chunk 0: data_length {n + PAGE} is not in 1..{n}"),
+        (zchunk(pages[:PAGE]) + zchunk(pages[PAGE:], dlen=n),
+         f"chunk 1: data_length {n} is not in"),
+        (zchunk(pages, slen=0), "chunk 0: stored_length 0 is not in"),
+        (fmt.CHUNK_HEAD.pack(fmt.max_chunk_stored(n) + 1, n) + bytes(8),
+         "stored_length"),
+        (zchunk(pages, content_size=False), "declares no content size"),
+        (zchunk(pages[:PAGE], dlen=n) , f"declares {PAGE} content size, not {n}"),
+        (zchunk(pages, after=b"xyz"), "incomplete or has bytes after it"),
+        (zchunk(pages)[:-1], "chunk 0: zstd"),       # the trailer's first byte read as its last
+        (fmt.CHUNK_HEAD.pack(16, n) + b"not a zstd frame", "not a zstd frame"),
+        (fmt.CHUNK_HEAD.pack(len(zchunk(pages)) - 8, n)
+         + zstandard.ZstdCompressor(write_content_size=True).compress(pages)[:-2] + b"\0\0",
+         "chunk 0"),
+    ]:
+        fails(zsealed(stored), CORRUPT, match)
+    whole = zsealed(good)
+    end = len(whole) - fmt.TRAILER_SIZE
+    fails(whole[:end - 5], CORRUPT, "truncated in page data chunk 1")
+    fails(whole[:end - len(good) + 4], CORRUPT, "truncated in page data chunk 0")
+    # A flipped bit in a frame is refused, by zstd or by the checksum.
+    data = bytearray(zsealed(good))
+    data[len(data) - fmt.TRAILER_SIZE - 20] ^= 0x10
+    fails(bytes(data), CORRUPT)
+    # A frame that would decompress to 4 MiB more than promised: refused by
+    # its header alone, before any memory is spent on it.
+    bomb = zchunk(bytes(fmt.MAX_CHUNK_DATA), dlen=n)
+    fails(zsealed(bomb), CORRUPT, f"declares {fmt.MAX_CHUNK_DATA} content size")
 
 
 # --- truncation, trailing data, bit flips ---------------------------------------------
@@ -507,12 +596,13 @@ def test_bad_records(records, match):
 
 
 def test_unknown_names_from_a_newer_minor_version_are_unsupported():
-    fails(seal(with_field("vma", 0, foo=1), minor=1), UNSUPPORTED,
-          "vma 0: unknown field 'foo': image format 1.1 is newer than this ckpt's 1.0")
+    fails(seal(with_field("vma", 0, foo=1), minor=2), UNSUPPORTED,
+          "vma 0: unknown field 'foo': image format 1.2 is newer than this ckpt's 1.1")
     fails(seal(record_maps() + [{"type": "socket"}], minor=3), UNSUPPORTED,
           "unknown record type 'socket'")
-    fails(seal(with_field("vma", 0, kind="dax"), minor=1), UNSUPPORTED, "unknown value 'dax'")
-    fails(seal(with_field("vma", 0, start=-1), minor=1), CORRUPT)   # not a new name
+    fails(seal(with_field("vma", 0, kind="dax"), minor=2), UNSUPPORTED, "unknown value 'dax'")
+    fails(seal(with_field("vma", 0, start=-1), minor=2), CORRUPT)   # not a new name
+    fails(seal(with_field("vma", 0, foo=1), minor=1), CORRUPT, "unknown field 'foo'")
 
 
 def test_raw_msgpack_defects():
@@ -536,7 +626,8 @@ def test_records_section_limit():
 
 def test_reserved_field():
     fails(seal(record_maps(), reserved=1), CORRUPT, "reserved header field")
-    fails(seal(record_maps(), flags=1), CORRUPT, "unknown header flags 0x1")
+    fails(seal(record_maps(), flags=2), CORRUPT, "unknown header flags 0x2")
+    fails(seal(record_maps(), flags=1), CORRUPT, "header flag 0x1 (zstd) needs format 1.1")
 
 
 # --- property: mutations of a valid image only ever raise CkptError -------------------

@@ -63,7 +63,7 @@ class DumpStats:
 
 
 def dump(pid: int, output: str, *, kill: bool = False,
-         progress: bool | None = None, sign=None) -> DumpStats:
+         progress: bool | None = None, sign=None, zstd_level: int | None = None) -> DumpStats:
     t0 = time.monotonic()
     frozen = None
     _refuse_early(pid)
@@ -88,7 +88,7 @@ def dump(pid: int, output: str, *, kill: bool = False,
         pages = memory.read_pages(snap.child.tid if snap else pid, vmas, show.update,
                                   saved=snap.saved if snap else None,
                                   forked=snap is not None)
-        written = write_image(out.file, image, pages, sign=sign)
+        written = write_image(out.file, image, pages, sign=sign, zstd_level=zstd_level)
         show.done()
         if snap is not None:
             snap.finish()

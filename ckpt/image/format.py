@@ -22,13 +22,16 @@ from .record import fields
 
 MAGIC = b"\x89CKPT\r\n\x1a"          # offset 0; binfmt_misc matches it
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1                     # the newest this ckpt reads and writes
 MACHINE = 62                          # ELF e_machine of x86_64
 MACHINES = {MACHINE: "x86_64"}        # e_machine -> Header.arch
 PAGE_SIZE = 4096
-KNOWN_FLAGS = 0                       # 1.0 defines no header flags
+FLAG_ZSTD = 0x1                       # 1.1: page data stored as zstd chunks
+KNOWN_FLAGS = FLAG_ZSTD
 
-CURRENT_HEADER = Header(VERSION_MAJOR, VERSION_MINOR, "x86_64", PAGE_SIZE, 0)
+# What the dumper builds; write_image sets the minor version and flags it
+# actually uses (1.0 without compression, 1.1 with).
+CURRENT_HEADER = Header(VERSION_MAJOR, 0, "x86_64", PAGE_SIZE, 0)
 
 # magic, major, minor, machine, reserved, page_size, flags, records_length,
 # pages_length, checksum. All little-endian; the checksum is last, so it is
@@ -71,7 +74,7 @@ def signature_block(body: bytes, version: int = SIG_VERSION,
 
 
 def header_bytes(records: bytes, pages_length: int, *, major=VERSION_MAJOR,
-                 minor=VERSION_MINOR, machine=MACHINE, page_size=PAGE_SIZE, flags=0,
+                 minor=0, machine=MACHINE, page_size=PAGE_SIZE, flags=0,
                  reserved=0) -> bytes:
     """The 72-byte header for `records`, checksum filled in."""
     head = HEADER.pack(MAGIC, major, minor, machine, reserved, page_size, flags,
@@ -99,6 +102,35 @@ def image_hasher(header_sum: bytes):
     thread pool outlives the hash, and the restore launcher must stay a
     single-threaded process until it hands over to the stub."""
     return blake3.blake3(header_sum)
+
+
+# --- compressed page data (1.1, FLAG_ZSTD) --------------------------------------
+# Page data as a sequence of chunks, each CHUNK_HEAD (stored_length,
+# data_length) then one zstd frame (RFC 8878) of stored_length bytes that
+# decompresses to exactly data_length bytes. Independent, bounded chunks: a
+# reader needs at most MAX_CHUNK_DATA of memory whatever the frame claims,
+# and finds the trailer without decompressing.
+
+CHUNK_HEAD = struct.Struct("<II")             # stored_length, data_length
+MAX_CHUNK_DATA = 4 << 20                      # data_length: 1 .. 4 MiB
+
+
+def max_chunk_stored(data_length: int) -> int:
+    """The largest frame a chunk of data_length bytes may be stored as:
+    ZSTD_compressBound(data_length), which every encoder stays within."""
+    return data_length + (data_length >> 8) + (
+        ((128 << 10) - data_length) >> 11 if data_length < (128 << 10) else 0)
+
+
+def zstd_level(spec: str) -> int:
+    """ "zstd" or "zstd:N" (N from -7 to 19) -> the level; ValueError else."""
+    name, _, level = spec.partition(":")
+    if name != "zstd":
+        raise ValueError(f"unknown compression {name!r} (only zstd)")
+    n = int(level) if level else 3
+    if not -7 <= n <= 19:
+        raise ValueError(f"zstd level {n} is outside -7..19")
+    return n
 
 
 # --- limits (a hostile image must not make the reader allocate without bound) --

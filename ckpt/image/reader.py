@@ -30,7 +30,7 @@ class _Unsupported(Exception):
 
 
 def read_image(src, *, verify_pages: bool = True, name: str | None = None,
-               authenticate=None) -> Image:
+               authenticate=None, inflate_to=None) -> Image:
     """Read and validate a whole image from a path or a binary file object.
 
     Page data is not loaded: the result says where it is (Image.pages_offset,
@@ -45,6 +45,13 @@ def read_image(src, *, verify_pages: bool = True, name: str | None = None,
     authenticate(trailer, signatures) has returned: a restore that requires
     a signature never parses records nobody vouched for. It raises
     CkptError to refuse.
+
+    Compressed page data (FLAG_ZSTD) is decompressed chunk by chunk when
+    verify_pages (every frame must hold exactly its data_length), and
+    written to `inflate_to` (a binary file object) if given: the page data
+    as an uncompressed image would hold it, from its offset 0. Without
+    verify_pages the chunks are skipped. Image.extra["stored_length"] is
+    the page data's length in the stream (= pages_length if uncompressed).
     """
     if isinstance(src, (str, bytes, os.PathLike)):
         name = name or os.fsdecode(src)
@@ -53,16 +60,16 @@ def read_image(src, *, verify_pages: bool = True, name: str | None = None,
         except OSError as e:
             raise CkptError(Status.USAGE, f"{name}: cannot open: {e.strerror or e}") from None
         with f:
-            return _read(f, name, verify_pages, authenticate)
+            return _read(f, name, verify_pages, authenticate, inflate_to)
     if name is None:
         name = getattr(src, "name", None)
         name = name if isinstance(name, str) else "<stream>"
-    return _read(src, name, verify_pages, authenticate)
+    return _read(src, name, verify_pages, authenticate, inflate_to)
 
 
-def _read(f, name: str, verify_pages: bool, authenticate) -> Image:
+def _read(f, name: str, verify_pages: bool, authenticate, inflate_to=None) -> Image:
     try:
-        return _parse(_Input(f), verify_pages, authenticate)
+        return _parse(_Input(f), verify_pages, authenticate, inflate_to)
     except _NotAnImage:
         raise CkptError(Status.NOT_AN_IMAGE, f"{name}: not a ckpt image") from None
     except _Unsupported as e:
@@ -77,7 +84,7 @@ def _read(f, name: str, verify_pages: bool, authenticate) -> Image:
                         "image's records") from None
 
 
-def _parse(inp: _Input, verify_pages: bool, authenticate=None) -> Image:
+def _parse(inp: _Input, verify_pages: bool, authenticate=None, inflate_to=None) -> Image:
     magic = inp.read_upto(len(fmt.MAGIC))
     if magic != fmt.MAGIC:
         raise _NotAnImage()
@@ -102,18 +109,28 @@ def _parse(inp: _Input, verify_pages: bool, authenticate=None) -> Image:
     if h.page_size != fmt.PAGE_SIZE:
         raise _Unsupported(f"page size {h.page_size}; this ckpt supports {fmt.PAGE_SIZE}")
 
+    def newer(e: fmt.UnknownName) -> Exception:
+        if h.minor > fmt.VERSION_MINOR:
+            return _Unsupported(f"{e}: image format {h.major}.{h.minor} is newer than "
+                                f"this ckpt's {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}")
+        return e
+
+    try:
+        if h.flags & ~fmt.KNOWN_FLAGS:
+            raise fmt.UnknownName(f"unknown header flags {h.flags & ~fmt.KNOWN_FLAGS:#x}")
+        if h.reserved:
+            raise fmt.UnknownName(f"reserved header field is {h.reserved:#x}, not 0")
+    except fmt.UnknownName as e:
+        raise newer(e) from None
+    if h.flags & fmt.FLAG_ZSTD and h.minor < 1:
+        raise fmt.Malformed(f"header flag {fmt.FLAG_ZSTD:#x} (zstd) needs format 1.1, "
+                            f"the image says {h.major}.{h.minor}")
+
     def decode():
         try:
-            if h.flags & ~fmt.KNOWN_FLAGS:
-                raise fmt.UnknownName(f"unknown header flags {h.flags & ~fmt.KNOWN_FLAGS:#x}")
-            if h.reserved:
-                raise fmt.UnknownName(f"reserved header field is {h.reserved:#x}, not 0")
             decoded = decode_records(records)
         except fmt.UnknownName as e:
-            if h.minor > fmt.VERSION_MINOR:
-                raise _Unsupported(f"{e}: image format {h.major}.{h.minor} is newer than "
-                                   f"this ckpt's {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}") from None
-            raise
+            raise newer(e) from None
         if h.pages_length != decoded[-1]:
             raise fmt.Malformed(f"header says {h.pages_length} bytes of page data, "
                                 f"the vmas' runs {decoded[-1]}")
@@ -127,13 +144,17 @@ def _parse(inp: _Input, verify_pages: bool, authenticate=None) -> Image:
     padding = inp.exact(offset - fmt.HEADER_SIZE - h.records_length, "padding")
     if padding.count(0) != len(padding):
         raise fmt.Malformed("nonzero bytes in the padding before page data")
-    if verify_pages:
-        digest = inp.hash(pages_length, fmt.image_hasher(h.checksum), "page data")
+    hasher = fmt.image_hasher(h.checksum) if verify_pages else None
+    if h.flags & fmt.FLAG_ZSTD:
+        stored = _chunks(inp, pages_length, hasher, inflate_to)
+    elif hasher is not None:
+        stored = inp.hash(pages_length, hasher, "page data")
     else:
-        inp.skip(pages_length, "page data")
+        stored = inp.skip(pages_length, "page data")
+    digest = hasher.digest() if hasher is not None else None
     trailer = inp.exact(fmt.TRAILER_SIZE, "trailer")
     t_magic, t_total, t_digest = fmt.TRAILER.unpack(trailer)
-    total = offset + pages_length + fmt.TRAILER_SIZE
+    total = offset + stored + fmt.TRAILER_SIZE
     if t_magic != fmt.TRAILER_MAGIC:
         raise fmt.Malformed("bad trailer magic")
     if t_total != total:
@@ -149,7 +170,62 @@ def _parse(inp: _Input, verify_pages: bool, authenticate=None) -> Image:
                                h.flags),
                  process=process, threads=threads, files=files, vmas=vmas, fds=fds,
                  pages_offset=offset, pages_length=pages_length,
-                 extra={"trailer": trailer, "signatures": signatures})
+                 extra={"trailer": trailer, "signatures": signatures,
+                        "stored_length": stored})
+
+
+def _chunks(inp: _Input, pages_length: int, hasher, inflate_to) -> int:
+    """Compressed page data (format 1.1): chunks until their data_length
+    adds up to pages_length. With a hasher, each is hashed as stored and
+    decompressed (into inflate_to, if given); else skipped. Returns the
+    stored length."""
+    import zstandard            # only images that need it pay for the import
+    dctx = zstandard.ZstdDecompressor(max_window_size=2 * fmt.MAX_CHUNK_DATA)
+    left, stored, n = pages_length, 0, 0
+    while left:
+        head = inp.exact(fmt.CHUNK_HEAD.size, f"page data chunk {n}")
+        slen, dlen = fmt.CHUNK_HEAD.unpack(head)
+        if not 1 <= dlen <= min(left, fmt.MAX_CHUNK_DATA):
+            raise fmt.Malformed(f"page data chunk {n}: data_length {dlen} is not in "
+                                f"1..{min(left, fmt.MAX_CHUNK_DATA)}")
+        if not 1 <= slen <= fmt.max_chunk_stored(dlen):
+            raise fmt.Malformed(f"page data chunk {n}: stored_length {slen} is not in "
+                                f"1..{fmt.max_chunk_stored(dlen)}")
+        if hasher is None:
+            inp.skip(slen, f"page data chunk {n}")
+        else:
+            frame = inp.exact(slen, f"page data chunk {n}")
+            hasher.update(head)
+            hasher.update(frame)
+            data = _inflate(dctx, frame, dlen, n)
+            if inflate_to is not None:
+                inflate_to.write(data)
+        stored += fmt.CHUNK_HEAD.size + slen
+        left -= dlen
+        n += 1
+    return stored
+
+
+def _inflate(dctx, frame: bytes, dlen: int, n: int) -> bytes:
+    """The one zstd frame `frame`, which must declare and hold exactly dlen
+    bytes (so memory stays bounded whatever it claims) and nothing after."""
+    import zstandard
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise fmt.Malformed(f"page data chunk {n}: not a zstd frame ({e})") from None
+    if size != dlen:
+        raise fmt.Malformed(f"page data chunk {n}: the zstd frame declares "
+                            f"{'no' if size < 0 else size} content size, not {dlen}")
+    obj = dctx.decompressobj()
+    try:
+        data = obj.decompress(frame)
+    except zstandard.ZstdError as e:
+        raise fmt.Malformed(f"page data chunk {n}: {e}") from None
+    if not obj.eof or obj.unused_data or len(data) != dlen:
+        raise fmt.Malformed(f"page data chunk {n}: the zstd frame is incomplete or has "
+                            "bytes after it")
+    return data
 
 
 def _read_signatures(inp: _Input, total: int) -> tuple:
@@ -307,7 +383,7 @@ class _Input:
             raise fmt.Malformed(f"truncated in {what} ({len(data)} of {n} bytes)")
         return data
 
-    def hash(self, n: int, hasher, what: str) -> bytes:
+    def hash(self, n: int, hasher, what: str) -> int:
         buf = memoryview(bytearray(min(CHUNK, n)))
         left = n
         while left:
@@ -316,21 +392,22 @@ class _Input:
                 raise fmt.Malformed(f"truncated in {what} ({n - left} of {n} bytes)")
             hasher.update(buf[:got])
             left -= got
-        return hasher.digest()
+        return n
 
-    def skip(self, n: int, what: str) -> None:
+    def skip(self, n: int, what: str) -> int:
         if n and _seekable(self.f):
             # Seek to the last byte and read it: a probe for truncation.
             self.f.seek(n - 1, os.SEEK_CUR)
             if not self.f.read(1):
                 raise fmt.Malformed(f"truncated in {what}")
-            return
+            return n
         left = n
         while left:
             got = len(self.f.read(min(CHUNK, left)) or b"")
             if not got:
                 raise fmt.Malformed(f"truncated in {what} ({n - left} of {n} bytes)")
             left -= got
+        return n
 
 
 def _seekable(f) -> bool:

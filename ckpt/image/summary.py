@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from ..errors import printable
+from . import format as fmt
 from .model import Image
 from .record import fields, is_record
 
@@ -25,7 +26,7 @@ def summarize(image: Image) -> str:
     out = [f"ckpt image, format {h.version_major}.{h.version_minor}, {h.arch}, "
            f"page size {page}, flags {h.flags:#x}",
            f"  page data: {saved} pages ({_size(saved * page)}) at offset "
-           f"{image.pages_offset}",
+           f"{image.pages_offset}" + _stored(image),
            "  signed by " + (", ".join(_signer(b) for b in image.extra.get("signatures", ()))
                              or "- (not signed)") + "  (not verified: see ckpt verify)",
            "",
@@ -180,3 +181,12 @@ def _signame(n: int) -> str:
     if n <= len(_SIGNALS):
         return "SIG" + _SIGNALS[n - 1]
     return f"SIGRTMIN+{n - 34}" if n >= 34 else f"SIG{n}"
+
+
+def _stored(image: Image) -> str:
+    """How compressed page data is stored (format 1.1)."""
+    if not image.header.flags & fmt.FLAG_ZSTD or not image.pages_length:
+        return ""
+    stored = image.extra.get("stored_length", 0)
+    return (f", stored zstd-compressed: {_size(stored)} "
+            f"({stored / image.pages_length:.0%})")

@@ -19,7 +19,7 @@ from .model import Image
 from .reader import decode_records
 
 
-def write_image(out, image: Image, pages, *, sign=None) -> int:
+def write_image(out, image: Image, pages, *, sign=None, zstd_level: int | None = None) -> int:
     """Write `image` to binary file object `out`; return the bytes written.
 
     `pages` is an iterable of bytes-like chunks (any chunking) whose
@@ -33,6 +33,10 @@ def write_image(out, image: Image, pages, *, sign=None) -> int:
 
     `sign`, if given, is called with the 48 trailer bytes and returns a
     signature block (ckpt.sign.Signer), written right after the trailer.
+
+    `zstd_level`, if given, stores the page data compressed (format 1.1,
+    FLAG_ZSTD): each chunk of `pages` becomes one zstd frame of that level,
+    compressed in the fetching thread before it is hashed.
     """
     if image.header != fmt.CURRENT_HEADER:
         raise CkptError(Status.INTERNAL, f"cannot write an image with header "
@@ -42,7 +46,9 @@ def write_image(out, image: Image, pages, *, sign=None) -> int:
         pages_length = decode_records(records)[-1]
     except fmt.Malformed as e:
         raise CkptError(Status.INTERNAL, f"refusing to write an invalid image: {e}") from None
-    head = fmt.header_bytes(records, pages_length)
+    compressed = zstd_level is not None
+    head = fmt.header_bytes(records, pages_length, minor=1 if compressed else 0,
+                            flags=fmt.FLAG_ZSTD if compressed else 0)
     offset = fmt.pages_offset(len(records))
     padding = bytes(offset - len(head) - len(records))
 
@@ -50,22 +56,20 @@ def write_image(out, image: Image, pages, *, sign=None) -> int:
     sink = _Sink(out, name if isinstance(name, str) else "<stream>")
     sink.write(head + records + padding)
     hasher = fmt.image_hasher(head[fmt.CHECKSUM_OFFSET:])
-    fetcher = _Fetcher(pages, hasher)
-    written = 0
+    counted = _Counted(pages, pages_length)
+    fetcher = _Fetcher(_compressed(counted, zstd_level) if compressed else counted, hasher)
+    stored = 0
     try:
         for view in fetcher:
-            written += view.nbytes
-            if written > pages_length:
-                break                        # don't write a byte past the promise
+            stored += view.nbytes
             sink.write(view)
     finally:
         fetcher.stop()
     digest = hasher.digest()
-    if written != pages_length:
-        amount = "more than" if written > pages_length else "only"
-        raise CkptError(Status.INTERNAL, f"page data is {amount} {written} bytes; "
+    if counted.total != pages_length:
+        raise CkptError(Status.INTERNAL, f"page data is only {counted.total} bytes; "
                         f"the vmas' runs need {pages_length}")
-    trailer = fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + pages_length + fmt.TRAILER_SIZE,
+    trailer = fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + stored + fmt.TRAILER_SIZE,
                                digest)
     sink.write(trailer)
     if sign is not None:
@@ -86,6 +90,42 @@ def encode_records(image: Image) -> bytes:
             except (AttributeError, TypeError, ValueError, OverflowError) as e:
                 raise CkptError(Status.INTERNAL, f"cannot encode {kind} {i}: {e}") from None
     return b"".join(parts)
+
+
+class _Counted:
+    """`pages`, counted: refuses (INTERNAL) a byte past the promised length
+    before it is compressed or written."""
+
+    def __init__(self, pages, limit: int):
+        self.pages, self.limit, self.total = pages, limit, 0
+
+    def __iter__(self):
+        try:
+            for chunk in self.pages:
+                n = memoryview(chunk).nbytes
+                self.total += n
+                if self.total > self.limit:
+                    raise CkptError(Status.INTERNAL, f"page data is more than {self.limit} "
+                                    "bytes, what the vmas' runs need")
+                yield chunk
+        finally:
+            close = getattr(self.pages, "close", None)
+            if close is not None:
+                close()
+
+
+def _compressed(pages, level: int):
+    """Each chunk of `pages` as one stored chunk (format.CHUNK_HEAD + a zstd
+    frame), split at format.MAX_CHUNK_DATA. The frame records its content
+    size; a reader checks it against data_length."""
+    import zstandard
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    for chunk in pages:
+        view = memoryview(chunk).cast("B")
+        for at in range(0, view.nbytes, fmt.MAX_CHUNK_DATA):
+            part = view[at:at + fmt.MAX_CHUNK_DATA]
+            frame = cctx.compress(part)
+            yield fmt.CHUNK_HEAD.pack(len(frame), part.nbytes) + frame
 
 
 class _Sink:

@@ -15,6 +15,10 @@ it, so restore time does not grow with the image. Only for an image file
 nobody but its owner (you or root) can change (check_mappable), and the
 page data is not hashed first unless the policy requires a signature: like
 an mmap'd executable, it is trusted to the filesystem from then on.
+
+Compressed images (format 1.1, `ckpt dump --compress zstd`): the page data
+is decompressed while it is hashed into a memfd, from which the stub
+preads it as from an uncompressed image; such an image can't be mapped.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import blake3
 
 from ..errors import CkptError, Status
 from ..image import Image, read_image
+from ..image.record import replace
 from ..image import format as fmt
 from ..image.validate import validate_image
 from .creds import apply_policy, differences
@@ -57,9 +62,13 @@ def restore(path: str, *, as_caller: bool = False, restore_creds: bool = False,
         tk.check_policy(policy)
     if mapped:
         check_mappable(image_fd, path)
+    pages_fd = _pages_memfd() if compressed(image_fd) else None
+    if pages_fd is not None and tk is not None:
+        tk.ok = False                   # the native launcher does not decompress
     # A signature covers the page data: when one is required, check it all.
     image = load_image(image_fd, path, policy,
-                       verify_pages=not mapped or policy.require_signature)
+                       verify_pages=not mapped or policy.require_signature,
+                       inflate_to=pages_fd)
     check_host(image)
     if tk is not None and restore_creds and not as_caller and differences(image.process.creds):
         tk.ok = False                   # a credential switch: Python's job
@@ -71,7 +80,8 @@ def restore(path: str, *, as_caller: bool = False, restore_creds: bool = False,
         raise CkptError(Status.FILE_CHANGED,
                         f"working directory {image.process.cwd}: {e.strerror.lower()}")
     moved: dict[int, int] = {}
-    plan = build_plan(image, files, image_fd, mapped=mapped, moved=moved)
+    plan = build_plan(image, files, image_fd if pages_fd is None else pages_fd,
+                      mapped=mapped, moved=moved)
     on_placed = None
     if tk is not None and tk.ok:
         def on_placed(start, total, plan_off, block, vdso_off):
@@ -93,6 +103,22 @@ def open_image(path: str) -> int:
     return image_fd
 
 
+def compressed(image_fd: int) -> bool:
+    """Whether the image's header says its page data is compressed (read
+    before anything else of it; the reader checks the header again)."""
+    head = os.pread(image_fd, fmt.HEADER_SIZE, 0)
+    return (len(head) == fmt.HEADER_SIZE and head[:8] == fmt.MAGIC
+            and fmt.HeaderFields._make(fmt.HEADER.unpack(head)).flags & fmt.FLAG_ZSTD != 0)
+
+
+def _pages_memfd() -> int:
+    try:
+        return os.memfd_create("ckpt-pages", os.MFD_CLOEXEC)
+    except OSError as e:
+        raise CkptError(Status.NO_MEMORY, f"cannot create a memfd for the decompressed "
+                        f"page data: {e.strerror}") from None
+
+
 def check_mappable(image_fd: int, name: str) -> None:
     """Mapped restore makes the restored memory a private mapping of the
     image: a later write to the file shows in every page the process has
@@ -102,6 +128,10 @@ def check_mappable(image_fd: int, name: str) -> None:
     itself writes images by rename, never in place. And not from a noexec
     file system: the kernel would refuse PROT_EXEC on those mappings, then
     and whenever the program mprotect()s them later (a JIT)."""
+    if compressed(image_fd):
+        raise CkptError(Status.USAGE, f"{name}: a compressed image can't be mapped (its "
+                        "page data must be decompressed); restore without --mapped, or "
+                        "dump without --compress")
     st = os.fstat(image_fd)
     if st.st_uid not in (os.geteuid(), 0):
         raise CkptError(Status.USAGE, f"{name}: mapped restore needs an image owned by "
@@ -118,7 +148,8 @@ def check_mappable(image_fd: int, name: str) -> None:
 
 
 def load_image(image_fd: int, name: str, policy: Policy, *,
-               signed_by: list | None = None, verify_pages: bool = True) -> Image:
+               signed_by: list | None = None, verify_pages: bool = True,
+               inflate_to: int | None = None) -> Image:
     """Read, authenticate and validate the image open at image_fd.
 
     One open file for validation and for the stub's preads: what was
@@ -127,7 +158,9 @@ def load_image(image_fd: int, name: str, policy: Policy, *,
     verify_pages=False skips hashing the page data (mapped restore; the
     records are still checked, the trailer's length and magic too); then
     no signature is checked either, so a policy requiring one must not
-    ask for it.
+    ask for it. `inflate_to`: an fd (a memfd) that receives a compressed
+    image's page data, decompressed; the image returned then says its
+    page data starts at offset 0 (of that fd).
     """
     if not verify_pages and policy.require_signature:
         raise CkptError(Status.INTERNAL, "a signature is required: page data must be "
@@ -147,9 +180,19 @@ def load_image(image_fd: int, name: str, policy: Policy, *,
         if signed_by is not None:
             signed_by.extend(good)
 
-    with os.fdopen(os.dup(image_fd), "rb") as f:
-        image = read_image(f, name=name, authenticate=authenticate,
-                           verify_pages=verify_pages)
+    sink = None if inflate_to is None else os.fdopen(os.dup(inflate_to), "wb", buffering=0)
+    try:
+        with os.fdopen(os.dup(image_fd), "rb") as f:
+            image = read_image(f, name=name, authenticate=authenticate,
+                               verify_pages=verify_pages, inflate_to=sink)
+    except OSError as e:                # the memfd: out of memory, tmpfs limits
+        raise CkptError(Status.NO_MEMORY, f"{name}: cannot hold the decompressed page "
+                        f"data: {e.strerror or e}") from None
+    finally:
+        if sink is not None:
+            sink.close()
+    if sink is not None:
+        image = replace(image, pages_offset=0)
     validate_image(image, name=name)
     return image
 
@@ -163,6 +206,8 @@ def _unsigned(image_fd: int) -> bool:
             int.from_bytes(head[8:10], "little") != fmt.VERSION_MAJOR:
         return False
     h = fmt.HeaderFields._make(fmt.HEADER.unpack(head))
+    if h.flags & fmt.FLAG_ZSTD:
+        return False                    # the stored length is known only at the end
     return os.fstat(image_fd).st_size == (fmt.pages_offset(h.records_length)
                                           + h.pages_length + fmt.TRAILER_SIZE)
 
