@@ -4,13 +4,15 @@ saved memory from the image (MAP_PRIVATE) instead of copying it.
 Real programs dumped, killed and restored mapped: the memory arrives, the
 heap, the stack and a fork work, the image is in /proc/PID/maps and not
 among the fds, writes never reach the image; threads and python3 come
-back; the guard refuses an image others could change; a required
+back; past vm.max_map_count the VMAs with the most runs are copied
+instead; the guard refuses an image others could change; a required
 signature still catches a tampered page. And a copied restore gets the
 same memory as huge pages where the original had whole 2 MiB blocks,
 without changing the VMA's flags.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import select
@@ -22,6 +24,7 @@ import pytest
 
 from ckpt import sign
 from ckpt.errors import Status
+from ckpt.restore.planner import MAP_COUNT_RESERVE
 from conftest import CKPT, CKPT_ENV, ROOT, ckpt, dump, read_lines, wait_lines
 from test_dump_restore import PY_SCRIPT, suffix_start
 from test_threads import _threads8_reference, dumped
@@ -236,6 +239,65 @@ def test_python3_restored_mapped(start, tmp_path):
     assert r.returncode == 6, r
     suffix_start(ref_lines, r.stdout.splitlines(), before, after)
     assert r.stderr == ""
+
+
+def maps_areas(pid: int) -> list[tuple[int, int, str]]:
+    """(start, end, path or "") per line of /proc/PID/maps."""
+    areas = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            areas.append((lo, hi, parts[5].strip() if len(parts) == 6 else ""))
+    return areas
+
+
+SPARSE_AREA = 1000 * 4096           # sparse.c: 1000 pages, 500 runs per area
+
+
+def test_mapped_restore_copies_the_vmas_with_most_runs_past_max_map_count(
+        programs, talkers, tmp_path):
+    """Each mapped run splits its VMA: where mapping every run would pass
+    vm.max_map_count (less MAP_COUNT_RESERVE for the program), the VMAs
+    with the most runs are copied instead, just enough of them
+    (planner._mapped_vmas). Without that the stub's mmap fails with
+    ENOMEM past the point of no return. sparse's areas have 500 runs
+    each; the heap and the rest have few."""
+    max_maps = int(open("/proc/sys/vm/max_map_count").read())
+    if max_maps > 131072:
+        pytest.skip(f"vm.max_map_count is {max_maps}: passing it takes too much memory")
+    chunks = max_maps // 1000 + 8       # ~8000 mappings more than allowed
+    target = talkers([programs("sparse"), chunks])
+    assert target.read1() == b"R"
+    areas = [(lo, hi) for lo, hi, path in maps_areas(target.p.pid)
+             if hi - lo == SPARSE_AREA and not path]
+    assert len(areas) == chunks, areas
+    image = tmp_path / "sparse.ckpt"
+    dump(target.p.pid, image)
+    target.kill()
+
+    r = talkers(CKPT + ["restore", "--mapped", image])
+    assert r.ask(b"v") == b"V"
+    maps = maps_areas(r.p.pid)
+    starts = [lo for lo, _, _ in maps]             # /proc/PID/maps is sorted
+    in_area = {a: maps[bisect.bisect_left(starts, a[0]):bisect.bisect_left(starts, a[1])]
+               for a in areas}
+    copied = [a for a in areas if in_area[a] == [(*a, "")]]
+    mapped = [a for a in areas if len(in_area[a]) > 1 and
+              sum(path == str(image) for _, _, path in in_area[a]) == 500]
+    assert len(copied) + len(mapped) == chunks, [in_area[a][:3] for a in areas
+                                                 if a not in copied + mapped]
+    # Some areas were copied (one anonymous VMA each, nothing from the
+    # image), not all: the others and the rest of the saved memory (the
+    # 1 MiB heap) are still mapped from the image.
+    assert copied and mapped, (len(copied), len(mapped))
+    rest = mapped_bytes(r.p.pid, image) - sum(
+        hi - lo for a in mapped for lo, hi, path in in_area[a] if path == str(image))
+    assert rest >= 1 << 20, rest
+    # Just enough copied: the program keeps its reserve of mappings, and
+    # mapping one more area (~1000 mappings) would have eaten into it.
+    assert len(maps) <= max_maps - MAP_COUNT_RESERVE < len(maps) + 1000, len(maps)
+    assert r.finish() == (0, "")
 
 
 def one_line(r, status: int) -> str:
