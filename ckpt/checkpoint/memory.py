@@ -158,8 +158,10 @@ class _Scanner:
                 if err in (errno.ENOTTY, errno.EINVAL) and not runs and lo == m.entry.start:
                     raise _NoScan
                 raise OSError(err, f"PAGEMAP_SCAN: {os.strerror(err)}")
+            seen = lo
             for start, stop, cat in struct.iter_unpack(
                     "<3Q", ctypes.string_at(self.arg.vec, n * 24)):
+                seen = max(seen, stop)
                 if file and cat & PAGE_IS_FILE and not cat & PAGE_IS_SWAPPED:
                     continue            # still the file's page
                 if start != run_end:
@@ -167,9 +169,13 @@ class _Scanner:
                         runs.append(PageRun(run_start, (run_end - run_start) // PAGE))
                     run_start = start
                 run_end = stop
-            if arg.walk_end <= lo:
+            # Resume after the last region returned, even if walk_end says
+            # less: Linux 6.18 returns every region of a walk whose internal
+            # 512-entry buffer filled up, but a walk_end short of them (the
+            # next call would report them again).
+            if max(arg.walk_end, seen) <= lo:
                 raise OSError(errno.EIO, "PAGEMAP_SCAN made no progress")
-            lo = arg.walk_end
+            lo = max(arg.walk_end, seen)
         if run_end > 0:
             runs.append(PageRun(run_start, (run_end - run_start) // PAGE))
         return tuple(runs)

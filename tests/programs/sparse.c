@@ -8,10 +8,9 @@
  * page before each and after the last (so each is a VMA of its own), with
  * MADV_NOHUGEPAGE (no huge page fills the gaps), and writes a pattern into
  * every other page of each (0, 2, ..., 998); the pages between are never
- * touched, so a dump saves 500 separate runs per area. (500, not more: on
- * Linux 6.18 PAGEMAP_SCAN reports a walk_end short of the last regions it
- * returned once a VMA has more than 512 of them, and the dump then lists
- * those runs twice and refuses to write the image.) Also fills 1 MiB of
+ * touched, so a dump saves 500 separate runs per area (-DCHUNK=N: areas of
+ * N pages, N / 2 runs; more than 512 runs in one VMA is what exposed Linux
+ * 6.18's short PAGEMAP_SCAN walk_end to the dumper). Also fills 1 MiB of
  * brk heap with a pattern (saved memory in one run). Writes 'R' to fd 1,
  * then answers one-byte commands read from fd 0:
  *   v  'V' if every written page still holds its pattern, every other page
@@ -26,7 +25,9 @@
 
 #define PAGE 4096
 #define WORDS (PAGE / 8)
-#define CHUNK 1000                      /* pages per area */
+#ifndef CHUNK
+#define CHUNK 1000                      /* pages per area (even) */
+#endif
 #define STRIDE (CHUNK + 1)              /* an area and the hole before it */
 
 static char *base;
