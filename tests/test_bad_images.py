@@ -458,6 +458,66 @@ def newer_fields(real: Real) -> list[Entry]:
     return out
 
 
+def compressed(real: Real, chunk=256 << 10, edit=None) -> bytes:
+    """The real image with its page data as zstd chunks (format 1.1);
+    edit(list of chunk bytes) may break them first."""
+    import zstandard
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+    chunks = []
+    for at in range(0, len(real.pages), chunk):
+        part = real.pages[at:at + chunk]
+        frame = cctx.compress(part)
+        chunks.append(fmt.CHUNK_HEAD.pack(len(frame), len(part)) + frame)
+    if edit:
+        edit(chunks)
+    return seal(real.records, b"".join(chunks), pages_length=len(real.pages), minor=1,
+                flags=fmt.FLAG_ZSTD)
+
+
+def _set(i, data):
+    def change(chunks):
+        chunks[i] = data(chunks[i])
+    return change
+
+
+def test_compressed_image_defects(real):
+    """A format 1.1 image of the same program, valid, then broken in its
+    chunks: each refused with one line by restore and verify."""
+    good = compressed(real)
+    assert check_in_process(Entry("zstd", good, S.OK), real.dir / "z") == S.OK
+    (real.dir / "zstd.ckpt").write_bytes(good)
+    assert verify(str(real.dir / "zstd.ckpt")).status == S.OK
+    head = fmt.CHUNK_HEAD
+
+    def lengths(slen=None, dlen=None):
+        def change(c):
+            s0, d0 = head.unpack(c[:8])
+            return head.pack(s0 if slen is None else slen(s0),
+                             d0 if dlen is None else dlen(d0)) + c[8:]
+        return change
+    entries = [
+        Entry("zstd: data_length past the pages", compressed(real, edit=_set(
+            -1, lengths(dlen=lambda d: d + PAGE))), S.CORRUPT_IMAGE),
+        Entry("zstd: data_length 0", compressed(real, edit=_set(0, lengths(dlen=lambda d: 0))),
+              S.CORRUPT_IMAGE),
+        Entry("zstd: stored_length 2^32-1", compressed(real, edit=_set(
+            0, lengths(slen=lambda s: 2**32 - 1))), S.CORRUPT_IMAGE),
+        Entry("zstd: not a frame", compressed(real, edit=_set(
+            0, lambda c: c[:8] + bytes(len(c) - 8))), S.CORRUPT_IMAGE),
+        Entry("zstd: a bit flipped in a frame", compressed(real, edit=_set(
+            0, lambda c: c[:-9] + bytes([c[-9] ^ 4]) + c[-8:])), S.CORRUPT_IMAGE),
+        Entry("zstd: truncated in a chunk", good[:len(good) - fmt.TRAILER_SIZE - 100],
+              S.CORRUPT_IMAGE),
+        Entry("zstd: flag in a 1.0 image", seal(real.records, real.pages, flags=fmt.FLAG_ZSTD),
+              S.CORRUPT_IMAGE),
+        Entry("zstd: newer flag", seal(real.records, real.pages, minor=2, flags=2),
+              S.UNSUPPORTED_IMAGE),
+    ]
+    for e in entries:
+        assert check_in_process(e, real.dir / "z") == e.status, e.name
+    run_all(real, entries)
+
+
 def test_hostile_values_are_refused_by_the_validator(real):
     entries = hostile(real) + newer_fields(real)
     for e in entries:

@@ -123,6 +123,17 @@ def valid_image():
     return im
 
 
+def compressed_image_bytes(image) -> bytes:
+    """`image` written with zstd page data (format 1.1), in chunks of a
+    page or two so that mutations meet several chunk headers."""
+    from test_image import page_data
+    from ckpt.image.writer import write_image
+    buf, pages = io.BytesIO(), page_data(image)
+    write_image(buf, image, (pages[i:i + 6144] for i in range(0, len(pages), 6144)),
+                zstd_level=1)
+    return buf.getvalue()
+
+
 def seeds(directory: str) -> None:
     """Write the seed corpus into `directory` (the seeds it lacks)."""
     os.makedirs(directory, exist_ok=True)
@@ -131,7 +142,8 @@ def seeds(directory: str) -> None:
     found = [b"\x00" + image_bytes(), b"\x01" + pack(record_maps()),
              b"\x02" + fmt.signature_block(bytes(96)),
              b"\x02" + fmt.signature_block(bytes(40), version=2),
-             b"\x00" + image_bytes(valid), b"\x01" + pack(record_maps(valid))]
+             b"\x00" + image_bytes(valid), b"\x01" + pack(record_maps(valid)),
+             b"\x00" + compressed_image_bytes(valid)]
     for i, s in enumerate(found):
         path = os.path.join(directory, f"seed-{i}")
         if not os.path.exists(path):
