@@ -439,6 +439,23 @@ def test_compressed_page_data_defects():
     fails(zsealed(bomb), CORRUPT, f"declares {fmt.MAX_CHUNK_DATA} content size")
 
 
+def test_compressed_frames_are_decompressed_only_once_authenticated():
+    """A restore that authenticates hands the zstd decoder nothing nobody
+    vouched for: the chunks are hashed first, decompressed after."""
+    n = len(page_data(make_image()))
+    bad = zsealed(fmt.CHUNK_HEAD.pack(16, n) + b"not a zstd frame")
+
+    def refuse(trailer, blocks):
+        raise CkptError(Status.SIGNATURE, "<stream>: not signed")
+    fails(bad, Status.SIGNATURE, "not signed", authenticate=refuse)
+    fails(bad, CORRUPT, "not a zstd frame", authenticate=lambda t, b: None)
+    out = io.BytesIO()
+    good = io.BytesIO()
+    write_image(good, make_image(), [page_data(make_image())], zstd_level=1)
+    read_bytes(good.getvalue(), authenticate=lambda t, b: None, inflate_to=out)
+    assert out.getvalue() == page_data(make_image())
+
+
 # --- truncation, trailing data, bit flips ---------------------------------------------
 
 def boundaries(data: bytes) -> list[int]:

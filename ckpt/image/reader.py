@@ -145,8 +145,15 @@ def _parse(inp: _Input, verify_pages: bool, authenticate=None, inflate_to=None) 
     if padding.count(0) != len(padding):
         raise fmt.Malformed("nonzero bytes in the padding before page data")
     hasher = fmt.image_hasher(h.checksum) if verify_pages else None
-    if h.flags & fmt.FLAG_ZSTD:
-        stored = _chunks(inp, pages_length, hasher, inflate_to)
+    zstd = h.flags & fmt.FLAG_ZSTD
+    # Authenticating, frames are decompressed only once vouched for: hashed
+    # as stored first, read again after authenticate() (a file; a pipe
+    # can't be read twice, so there it is one pass).
+    late = deferred and zstd and _seekable(inp.f)
+    at = inp.f.tell() if late else 0
+    if zstd:
+        stored = _chunks(inp, pages_length, hasher, verify_pages and not late,
+                         None if late else inflate_to)
     elif hasher is not None:
         stored = inp.hash(pages_length, hasher, "page data")
     else:
@@ -165,6 +172,9 @@ def _parse(inp: _Input, verify_pages: bool, authenticate=None, inflate_to=None) 
     if deferred:
         authenticate(trailer, signatures)
         decoded = decode()
+        if late:
+            inp.f.seek(at)
+            _chunks(inp, pages_length, None, True, inflate_to)
     process, threads, files, vmas, fds, _ = decoded
     return Image(header=Header(h.major, h.minor, fmt.MACHINES[h.machine], h.page_size,
                                h.flags),
@@ -174,11 +184,11 @@ def _parse(inp: _Input, verify_pages: bool, authenticate=None, inflate_to=None) 
                         "stored_length": stored})
 
 
-def _chunks(inp: _Input, pages_length: int, hasher, inflate_to) -> int:
+def _chunks(inp: _Input, pages_length: int, hasher, inflate: bool, inflate_to) -> int:
     """Compressed page data (format 1.1): chunks until their data_length
-    adds up to pages_length. With a hasher, each is hashed as stored and
-    decompressed (into inflate_to, if given); else skipped. Returns the
-    stored length."""
+    adds up to pages_length, each hashed as stored (with a hasher) and/or
+    decompressed (inflate; into inflate_to, if given), else skipped.
+    Returns the stored length."""
     import zstandard            # only images that need it pay for the import
     dctx = zstandard.ZstdDecompressor(max_window_size=2 * fmt.MAX_CHUNK_DATA)
     left, stored, n = pages_length, 0, 0
@@ -191,15 +201,17 @@ def _chunks(inp: _Input, pages_length: int, hasher, inflate_to) -> int:
         if not 1 <= slen <= fmt.max_chunk_stored(dlen):
             raise fmt.Malformed(f"page data chunk {n}: stored_length {slen} is not in "
                                 f"1..{fmt.max_chunk_stored(dlen)}")
-        if hasher is None:
+        if hasher is None and not inflate:
             inp.skip(slen, f"page data chunk {n}")
         else:
             frame = inp.exact(slen, f"page data chunk {n}")
-            hasher.update(head)
-            hasher.update(frame)
-            data = _inflate(dctx, frame, dlen, n)
-            if inflate_to is not None:
-                inflate_to.write(data)
+            if hasher is not None:
+                hasher.update(head)
+                hasher.update(frame)
+            if inflate:
+                data = _inflate(dctx, frame, dlen, n)
+                if inflate_to is not None:
+                    inflate_to.write(data)
         stored += fmt.CHUNK_HEAD.size + slen
         left -= dlen
         n += 1
