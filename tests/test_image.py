@@ -449,6 +449,16 @@ def test_compressed_frames_are_decompressed_only_once_authenticated():
         raise CkptError(Status.SIGNATURE, "<stream>: not signed")
     fails(bad, Status.SIGNATURE, "not signed", authenticate=refuse)
     fails(bad, CORRUPT, "not a zstd frame", authenticate=lambda t, b: None)
+    class Full(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+    good = io.BytesIO()
+    write_image(good, make_image(), [page_data(make_image())], zstd_level=1)
+    fails(good.getvalue(), Status.NO_MEMORY, "cannot hold the decompressed page data: No "
+          "space left", inflate_to=Full())
     out = io.BytesIO()
     good = io.BytesIO()
     write_image(good, make_image(), [page_data(make_image())], zstd_level=1)

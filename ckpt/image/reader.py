@@ -29,6 +29,10 @@ class _Unsupported(Exception):
     pass
 
 
+class _SinkFailed(Exception):
+    """Writing to inflate_to failed: the caller's side, not the image's."""
+
+
 def read_image(src, *, verify_pages: bool = True, name: str | None = None,
                authenticate=None, inflate_to=None) -> Image:
     """Read and validate a whole image from a path or a binary file object.
@@ -49,7 +53,8 @@ def read_image(src, *, verify_pages: bool = True, name: str | None = None,
     Compressed page data (FLAG_ZSTD) is decompressed chunk by chunk when
     verify_pages (every frame must hold exactly its data_length), and
     written to `inflate_to` (a binary file object) if given: the page data
-    as an uncompressed image would hold it, from its offset 0. Without
+    as an uncompressed image would hold it, from its offset 0 (a failed
+    write: NO_MEMORY). Without
     verify_pages the chunks are skipped. Image.extra["stored_length"] is
     the page data's length in the stream (= pages_length if uncompressed).
     """
@@ -74,6 +79,9 @@ def _read(f, name: str, verify_pages: bool, authenticate, inflate_to=None) -> Im
         raise CkptError(Status.NOT_AN_IMAGE, f"{name}: not a ckpt image") from None
     except _Unsupported as e:
         raise CkptError(Status.UNSUPPORTED_IMAGE, f"{name}: unsupported image: {e}") from None
+    except _SinkFailed as e:
+        raise CkptError(Status.NO_MEMORY, f"{name}: cannot hold the decompressed page "
+                        f"data: {e}") from None
     except fmt.Malformed as e:
         raise CkptError(Status.CORRUPT_IMAGE, f"{name}: corrupt image: {e}") from None
     except OSError as e:
@@ -211,7 +219,10 @@ def _chunks(inp: _Input, pages_length: int, hasher, inflate: bool, inflate_to) -
             if inflate:
                 data = _inflate(dctx, frame, dlen, n)
                 if inflate_to is not None:
-                    inflate_to.write(data)
+                    try:
+                        inflate_to.write(data)
+                    except OSError as e:
+                        raise _SinkFailed(e.strerror or e) from None
         stored += fmt.CHUNK_HEAD.size + slen
         left -= dlen
         n += 1

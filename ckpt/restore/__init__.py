@@ -185,9 +185,6 @@ def load_image(image_fd: int, name: str, policy: Policy, *,
         with os.fdopen(os.dup(image_fd), "rb") as f:
             image = read_image(f, name=name, authenticate=authenticate,
                                verify_pages=verify_pages, inflate_to=sink)
-    except OSError as e:                # the memfd: out of memory, tmpfs limits
-        raise CkptError(Status.NO_MEMORY, f"{name}: cannot hold the decompressed page "
-                        f"data: {e.strerror or e}") from None
     finally:
         if sink is not None:
             sink.close()
