@@ -236,6 +236,7 @@ static void fill(const struct plan_run *run)
 #define HUGE       (2ULL << 20)
 #define COLLAPSE_CHUNK  8               /* blocks per madvise call */
 #define COLLAPSE_NS_PER_BLOCK 1000000   /* ~ 512 faults of 4 KiB here */
+#define POPULATE_MIN    (64ULL << 10)
 
 static int collapse_off;
 
@@ -281,8 +282,9 @@ static void copy_run(const struct plan_vma *v, const struct plan_run *run)
 	if ((v->flags & (PV_ANON | PV_SHARED | PV_GROWSDOWN)) == PV_ANON &&
 	    !(v->advice & PA_NOHUGEPAGE) && !collapse_off)
 		collapse_blocks(run);
-	sys3(__NR_madvise, (long)run->addr, (long)run->len,
-	     MADV_POPULATE_WRITE);
+	if (run->len >= POPULATE_MIN)   /* a small run: a syscall for nothing */
+		sys3(__NR_madvise, (long)run->addr, (long)run->len,
+		     MADV_POPULATE_WRITE);
 	fill(run);
 }
 
