@@ -522,6 +522,11 @@ ev = threading.Event()
 t = threading.Thread(target=ev.wait); t.start()
 s1 = status()
 ev.set(); t.join()
+# join() returns before the kernel has ended the thread: wait for it to go.
+import os, time
+deadline = time.monotonic() + 10
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.001)
 s2 = status(vdso_dst=VDSO_DST, vdso_len=VDSO_LEN + 4096)
 s3 = status(fds=(PlanFd(3, 5, False),))
 print(int(s1[0]), int(s2[0]), int(s3[0]))
