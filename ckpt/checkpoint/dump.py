@@ -5,7 +5,8 @@ Order: refuse what we can't save before touching the target; seize and
 interrupt (no SIGSTOP is ever seen); read registers and /proc; inject the
 few syscalls that read state only visible from inside; inject a clone that
 gives a frozen copy-on-write copy of its memory (_Snapshot) and let the
-target go on; write the image from that copy to a temp file and rename it;
+target go on; write the image from that copy (zero-copy where it can:
+splice.py) to a temp file and rename it;
 kill the copy (the target reaps it, stopped again for a moment). Without a
 snapshot (--kill, too much memory a fork does not copy, the clone failed)
 the target stays stopped until the image is written. Whatever fails, the
@@ -41,7 +42,7 @@ from ..image import write_image
 from ..image.model import (Creds, GeneralRegs, Header, Image, MMFields,
                            PosixTimer, Process, Rlimit, SigAction, Thread)
 from ..image.record import replace
-from . import memory, procfs
+from . import memory, procfs, splice
 from .files import FileTable, fd_table, mapped_file
 from .tracee import TaskGone, Tracee, restarted_regs
 
@@ -69,7 +70,7 @@ def dump(pid: int, output: str, *, kill: bool = False,
     _refuse_early(pid)
     threads = _Threads(pid)
     threads.seize_main()
-    out = snap = None
+    out = snap = spliced = None
     try:
         threads.seize_all()
         _refuse_early(pid)          # again, now that it cannot change
@@ -85,9 +86,12 @@ def dump(pid: int, output: str, *, kill: bool = False,
             image = snap.image or with_vmflags(image, procfs.smaps(snap.child.tid))
         vmas = list(image.vmas)
         show = _Progress(pid, sum(v.pages_saved for v in vmas) * memory.PAGE, progress)
-        pages = memory.read_pages(snap.child.tid if snap else pid, vmas, show.update,
-                                  saved=snap.saved if snap else None,
-                                  forked=snap is not None)
+        if snap is not None and zstd_level is None and splice.usable(out.file.fileno()):
+            spliced = splice.SplicedPages.open(snap.child, threads.syscall_insn, vmas,
+                                               snap.saved, show.update)
+        pages = spliced or memory.read_pages(snap.child.tid if snap else pid, vmas,
+                                             show.update, saved=snap.saved if snap else None,
+                                             forked=snap is not None)
         written = write_image(out.file, image, pages, sign=sign, zstd_level=zstd_level)
         show.done()
         if snap is not None:
@@ -96,14 +100,13 @@ def dump(pid: int, output: str, *, kill: bool = False,
         if kill:        # while still frozen: it never runs past the snapshot
             os.kill(pid, 9)
     except TaskGone:
+        if snap is not None and snap.target_alive(0.2):
+            raise snap.killed() from None
         raise CkptError(Status.TARGET_GONE,
                         f"process {pid} exited during the dump; no image written")
     except CkptError as e:
         if e.status == Status.TARGET_GONE and snap is not None and snap.target_alive(0.2):
-            raise CkptError(Status.TARGET_GONE,
-                            f"the copy-on-write snapshot of process {pid} (process "
-                            f"{snap.child.tid}) was killed during the dump; no image "
-                            "written") from None
+            raise snap.killed() from None
         if e.status == Status.TARGET_GONE:
             raise CkptError(Status.TARGET_GONE, f"process {pid} exited during the "
                             "dump; no image written") from None
@@ -114,6 +117,8 @@ def dump(pid: int, output: str, *, kill: bool = False,
                             f"process {pid} exited during the dump; no image written")
         raise CkptError(Status.OUTPUT, f"cannot write the image: {e.strerror or e}")
     finally:
+        if spliced is not None:
+            spliced.close()
         if snap is not None:
             snap.discard()
         if out is not None:
@@ -142,8 +147,9 @@ class _Snapshot:
     every other piece of state), a clone() is injected into the main thread:
     a child process sharing nothing but copies of the mappings, copy-on-write
     (the fork costs ~50 ms per GiB of page tables: that is the stop). The
-    target's threads are then let go and the page data is read from the
-    child, which never runs:
+    target's threads are then let go and the page data is taken from the
+    child, which never runs the program's code (it runs the dumper's
+    vmsplice loop, splice.py, or is read through /proc/PID/mem):
 
     - CLONE_PTRACE: a task seized by us that clones gets a child attached to
       us from birth, which stops (PTRACE_EVENT_STOP) before its first
@@ -259,6 +265,11 @@ class _Snapshot:
                 off += len(chunk)
             self.saved[v.start] = buf
         return True
+
+    def killed(self) -> CkptError:
+        return CkptError(Status.TARGET_GONE,
+                         f"the copy-on-write snapshot of process {self.pid} (process "
+                         f"{self.child.tid}) was killed during the dump; no image written")
 
     def target_alive(self, grace: float = 0) -> bool:
         """Whether the target still runs (after up to `grace` seconds: a

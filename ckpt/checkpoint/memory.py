@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import CkptError, Status
@@ -274,6 +274,25 @@ def read_pages(pid: int, vmas: list[Vma],
     pins the pages it reads (FOLL_PIN), and pinning a shared anonymous page,
     even for reading, makes the kernel give the reader its own copy
     (FAULT_FLAG_UNSHARE): ~3x slower, and a second copy of the memory."""
+    def pieces():
+        for vma in vmas:
+            if saved and vma.start in saved:
+                yield saved[vma.start]
+            else:
+                yield from ((run.addr, run.count * PAGE) for run in vma.runs)
+    return _read(pid, pieces(), progress, forked)
+
+
+def read_ranges(pid: int, ranges: Iterable[tuple[int, int]], *,
+                forked: bool = False) -> Iterator[memoryview]:
+    """The bytes of (address, length) `ranges` of pid's memory, as
+    read_pages reads them."""
+    return _read(pid, ranges, None, forked)
+
+
+def _read(pid: int, pieces: Iterable[tuple[int, int] | bytes],
+          progress: Callable[[int], None] | None, forked: bool) -> Iterator[memoryview | bytes]:
+    """read_pages: (address, length) pieces are read, bytes given as they are."""
     reader = _Reader(pid, vm_readv=not forked)
     batch: list[tuple[int, int]] = []
     size = 0
@@ -287,24 +306,23 @@ def read_pages(pid: int, vmas: list[Vma],
         return chunk
 
     try:
-        for vma in vmas:
-            if saved and vma.start in saved:
+        for piece in pieces:
+            if not isinstance(piece, tuple):
                 if batch:
                     yield flush()
-                yield saved[vma.start]
+                yield piece
                 if progress:
-                    progress(len(saved[vma.start]))
+                    progress(len(piece))
                 continue
-            for run in vma.runs:
-                addr, left = run.addr, run.count * PAGE
-                while left:
-                    n = min(left, READ_CHUNK - size)
-                    batch.append((addr, n))
-                    size += n
-                    addr += n
-                    left -= n
-                    if size == READ_CHUNK or len(batch) == IOV_MAX:
-                        yield flush()
+            addr, left = piece
+            while left:
+                n = min(left, READ_CHUNK - size)
+                batch.append((addr, n))
+                size += n
+                addr += n
+                left -= n
+                if size == READ_CHUNK or len(batch) == IOV_MAX:
+                    yield flush()
         if batch:
             yield flush()
     finally:

@@ -129,7 +129,19 @@ class Tracee:
             sig = os.WSTOPSIG(status)
             _call(PTRACE_CONT, self.tid, 0, sig)
 
-    def _wait(self) -> int:
+    def _wait(self, *, reap: bool = True) -> int:
+        """The next stop's status. A death raises TaskGone; without `reap`
+        it is left uncollected (kill() collects it): collecting the death of
+        another process's child hands its parent a zombie to reap."""
+        if not reap:
+            try:
+                info = os.waitid(os.P_PID, self.tid,
+                                 os.WEXITED | os.WSTOPPED | os.WNOWAIT | WALL)
+            except ChildProcessError:
+                raise TaskGone(self.tid) from None
+            if info is not None and info.si_code in (os.CLD_EXITED, os.CLD_KILLED,
+                                                     os.CLD_DUMPED):
+                raise TaskGone(self.tid)
         try:
             _, status = os.waitpid(self.tid, WALL)
         except ChildProcessError:
@@ -248,26 +260,53 @@ class Tracee:
         single-step, read rax, restore the saved registers (whose orig_rax
         and rax then restart the interrupted syscall normally on resume)."""
         saved = self.getregs()
-        regs = self.getregs()
+        try:
+            self.start_syscall(syscall_insn, nr, *args, regs=self.getregs())
+            return self.finish_syscall()
+        finally:
+            if self.attached:
+                self.setregs(saved)
+
+    def start_syscall(self, syscall_insn: int, nr: int, *args: int, regs=None) -> None:
+        """Set the task off on one syscall (a single-step over `syscall`)
+        and return at once: finish_syscall() waits for it. Its registers are
+        not put back (inject() does that; the snapshot's child, which never
+        resumes, needs no such care)."""
+        regs = regs if regs is not None else self.getregs()
         regs.orig_rax = U64
         regs.rax = nr
         regs.rip = syscall_insn
         for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(regs, name, value & U64)
         self.setregs(regs)
-        try:
-            _call(PTRACE_SINGLESTEP, self.tid)
-            status = self._wait()
-            while os.WSTOPSIG(status) != signal.SIGTRAP:
-                # A signal arrived during the step: it stays pending
-                # (we discard this delivery; the kernel re-queues nothing, so
-                # record and re-raise is the caller's job) -- rare; retry.
-                _call(PTRACE_SINGLESTEP, self.tid)
-                status = self._wait()
-            result = self.getregs().rax
-        finally:
-            if self.attached:
-                self.setregs(saved)
+        _call(PTRACE_SINGLESTEP, self.tid)
+
+    def start_code(self, rip: int, **regs: int) -> None:
+        """Let the task run from `rip`, with `regs` set, until it traps
+        (int3): finish_code() waits for that. For code the dumper put in
+        the snapshot's child (splice.VMSPLICE_LOOP)."""
+        r = self.getregs()
+        r.orig_rax, r.rip = U64, rip
+        for name, value in regs.items():
+            setattr(r, name, value & U64)
+        self.setregs(r)
+        _call(PTRACE_CONT, self.tid)
+
+    def finish_code(self, *, reap: bool = True) -> int:
+        """Wait for the code start_code() began to trap; rax."""
+        return self.finish_syscall(reap=reap, resume=PTRACE_CONT)
+
+    def finish_syscall(self, *, reap: bool = True, resume: int = PTRACE_SINGLESTEP) -> int:
+        """Wait for the syscall start_syscall() began; its return value.
+        `reap`: as for _wait()."""
+        status = self._wait(reap=reap)
+        while os.WSTOPSIG(status) != signal.SIGTRAP:
+            # A signal arrived during the step: it stays pending
+            # (we discard this delivery; the kernel re-queues nothing, so
+            # record and re-raise is the caller's job) -- rare; retry.
+            _call(resume, self.tid)
+            status = self._wait(reap=reap)
+        result = self.getregs().rax
         return result - (1 << 64) if result >= (1 << 63) else result
 
 

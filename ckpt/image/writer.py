@@ -37,6 +37,12 @@ def write_image(out, image: Image, pages, *, sign=None, zstd_level: int | None =
     `zstd_level`, if given, stores the page data compressed (format 1.1,
     FLAG_ZSTD): each chunk of `pages` becomes one zstd frame of that level,
     compressed in the fetching thread before it is hashed.
+
+    Uncompressed, `pages` may instead move its data itself: an object with
+    copy_into(fd, update, name) that writes the page data at the position
+    of `out`'s fd, has update() see every byte in order before it returns,
+    returns the bytes written and reports write errors as CkptError(OUTPUT)
+    (ckpt.checkpoint.splice: zero-copy from the dumped process).
     """
     if image.header != fmt.CURRENT_HEADER:
         raise CkptError(Status.INTERNAL, f"cannot write an image with header "
@@ -56,18 +62,14 @@ def write_image(out, image: Image, pages, *, sign=None, zstd_level: int | None =
     sink = _Sink(out, name if isinstance(name, str) else "<stream>")
     sink.write(head + records + padding)
     hasher = fmt.image_hasher(head[fmt.CHECKSUM_OFFSET:])
-    counted = _Counted(pages, pages_length)
-    fetcher = _Fetcher(_compressed(counted, zstd_level) if compressed else counted, hasher)
-    stored = 0
-    try:
-        for view in fetcher:
-            stored += view.nbytes
-            sink.write(view)
-    finally:
-        fetcher.stop()
+    if hasattr(pages, "copy_into") and not compressed:
+        stored = total = pages.copy_into(out.fileno(), hasher.update, sink.name)
+        sink.total += stored
+    else:
+        stored, total = _copy(sink, pages, pages_length, hasher, zstd_level)
     digest = hasher.digest()
-    if counted.total != pages_length:
-        raise CkptError(Status.INTERNAL, f"page data is only {counted.total} bytes; "
+    if total != pages_length:
+        raise CkptError(Status.INTERNAL, f"page data is {total} bytes; "
                         f"the vmas' runs need {pages_length}")
     trailer = fmt.TRAILER.pack(fmt.TRAILER_MAGIC, offset + stored + fmt.TRAILER_SIZE,
                                digest)
@@ -75,6 +77,21 @@ def write_image(out, image: Image, pages, *, sign=None, zstd_level: int | None =
     if sign is not None:
         sink.write(sign(trailer))
     return sink.total
+
+
+def _copy(sink: _Sink, pages, pages_length: int, hasher, zstd_level: int | None):
+    """Write `pages` (compressed, with a level); (stored, page data) bytes."""
+    counted = _Counted(pages, pages_length)
+    fetcher = _Fetcher(counted if zstd_level is None else _compressed(counted, zstd_level),
+                       hasher)
+    stored = 0
+    try:
+        for view in fetcher:
+            stored += view.nbytes
+            sink.write(view)
+    finally:
+        fetcher.stop()
+    return stored, counted.total
 
 
 def encode_records(image: Image) -> bytes:
