@@ -27,7 +27,6 @@ Any failure to set it up leaves the copying path (memory.read_pages).
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import stat

@@ -28,6 +28,7 @@ real handler entry.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 
 from ckpt.errors import CkptError, Status
 
