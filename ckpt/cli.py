@@ -33,7 +33,9 @@ def cli() -> None:
 @cli.command(epilog=EPILOG)
 @click.argument("pid", type=int)
 @click.option("-o", "--output", required=True, metavar="FILE",
-              help="Image file to write ('-' for standard output).")
+              help="Image file to write ('-' for standard output). A file is "
+                   "written under a temporary name and renamed when complete; a "
+                   "FIFO or device is written into directly.")
 @click.option("--kill", is_flag=True, help="Kill the process after a successful dump.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress on stderr (default: when it is a terminal).")

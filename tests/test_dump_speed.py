@@ -8,6 +8,7 @@ import fcntl
 import io
 import os
 import signal
+import stat
 import subprocess
 import threading
 
@@ -164,6 +165,29 @@ def test_dump_to_a_pipe_gives_the_same_pages_as_to_a_file(zeropages, tmp_path):
     got = regions(to_pipe)
     assert got == regions(to_file)
     assert len(got) == NPAGES + (NPAGES + 2) // 3 + NNONE + 2
+
+
+def test_dump_to_a_named_pipe_writes_into_it(zeropages, tmp_path):
+    """`-o FIFO` (or a device: -o /dev/null) writes into it like `-o -`;
+    renaming a temp file over it would have replaced the node. The FIFO is
+    opened before the target is stopped: the dump waits for a reader."""
+    t, at, _ = zeropages
+    fifo, got = tmp_path / "fifo", tmp_path / "got.ckpt"
+    os.mkfifo(fifo)
+    def read():
+        with open(fifo, "rb") as f:
+            got.write_bytes(f.read())
+    reader = threading.Thread(target=read, daemon=True)     # left blocked if replaced
+    reader.start()
+    r = subprocess.run(CKPT + ["dump", str(t.pid), "-o", str(fifo)], capture_output=True,
+                       close_fds=True, env=CKPT_ENV, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced"
+    reader.join(30)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    img = read_image(got)
+    assert any(r.addr == at["A"] for v in img.vmas for r in v.runs)
+    assert t.alive()
 
 
 def test_grow_pipe(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import stat
 import struct
 import sys
 import time
@@ -69,13 +70,14 @@ def dump(pid: int, output: str, *, kill: bool = False,
     frozen = None
     _refuse_early(pid)
     threads = _Threads(pid)
-    threads.seize_main()
-    out = snap = spliced = None
+    # Before the target stops: opening a FIFO waits for its reader.
+    out = Output(output)
+    snap = spliced = None
     try:
+        threads.seize_main()
         threads.seize_all()
         _refuse_early(pid)          # again, now that it cannot change
         image = collect(pid, threads, vmflags=kill)
-        out = Output(output)
         if not kill:                # --kill: it never runs past the snapshot anyway
             snap = _Snapshot.take(pid, threads, image)
             if snap is None:        # dump frozen: the flags from the target, still stopped
@@ -620,6 +622,15 @@ class Output:
             self.file = os.fdopen(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
             _grow_pipe(self.file.fileno())
             return
+        if _not_a_file(path):
+            # A device or a FIFO (-o /dev/null, a named pipe): written like
+            # `-o -`; renaming a temp file over it would replace the node.
+            try:
+                self.file = open(path, "wb", buffering=0)
+            except OSError as e:
+                raise CkptError(Status.OUTPUT, f"cannot open {path}: {e.strerror}")
+            _grow_pipe(self.file.fileno())
+            return
         directory, base = os.path.split(os.path.abspath(path))
         self.tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
         try:
@@ -631,6 +642,8 @@ class Output:
     def commit(self) -> None:
         if self.tmp is None:
             self.file.flush()
+            if self.path != "-":
+                self.file.close()
             return
         try:
             os.fsync(self.file.fileno())
@@ -641,6 +654,8 @@ class Output:
         self.tmp = None
 
     def discard(self) -> None:
+        if self.tmp is None and self.path != "-" and not self.file.closed:
+            self.file.close()
         if self.tmp is not None:
             self.file.close()
             try:
@@ -648,6 +663,16 @@ class Output:
             except FileNotFoundError:
                 pass
             self.tmp = None
+
+
+def _not_a_file(path: str) -> bool:
+    """Whether `path` exists and is neither a regular file nor a
+    directory (nor a link to one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 PIPE_SIZE = 1 << 20
@@ -659,7 +684,6 @@ def _grow_pipe(fd: int) -> None:
     unprivileged users, /proc/sys/fs/pipe-max-size); not a pipe, or not
     allowed (pipe-user-pages-soft): leave it."""
     import fcntl
-    import stat
     try:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return
