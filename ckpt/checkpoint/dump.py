@@ -680,20 +680,10 @@ PIPE_SIZE = 1 << 20
 
 def _grow_pipe(fd: int) -> None:
     """A pipe holds 64 KiB by default: each 4 MiB write would wait for the
-    reader 64 times. Make it PIPE_SIZE (or the system's limit for
-    unprivileged users, /proc/sys/fs/pipe-max-size); not a pipe, or not
-    allowed (pipe-user-pages-soft): leave it."""
-    import fcntl
+    reader 64 times. Make it PIPE_SIZE, or as large as allowed."""
     try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            return
-        try:
-            with open("/proc/sys/fs/pipe-max-size") as f:
-                limit = int(f.read())
-        except (OSError, ValueError):
-            limit = PIPE_SIZE
-        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < min(PIPE_SIZE, limit):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(PIPE_SIZE, limit))
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            splice.grow_pipe(fd, PIPE_SIZE)
     except OSError:
         pass
 

@@ -41,7 +41,7 @@ from .tracee import Tracee
 
 SYS_MMAP, SYS_PIPE2, SYS_CLOSE_RANGE, SYS_PIDFD_GETFD = 9, 293, 436, 438
 CLOSE_RANGE_UNSHARE = 2
-PROT_READ, PROT_RW, PROT_RX, MAP_PRIVATE_ANON = 1, 3, 5, 0x22
+PROT_RW, PROT_RX, MAP_PRIVATE_ANON = 3, 5, 0x22
 PAGE = memory.PAGE
 PIPE = 1 << 20
 HASH_READ = 1 << 20
@@ -124,7 +124,7 @@ class SplicedPages:
         finally:
             os.close(pidfd)
         os.set_inheritable(self.pipe_r, False)
-        _size_pipe(self.pipe_r, PIPE)
+        grow_pipe(self.pipe_r)
 
     def _call(self, nr: int, *args: int) -> int:
         """One syscall in the child (which never resumes: its registers
@@ -147,7 +147,7 @@ class SplicedPages:
         """Write the page data at fd's position; update() sees every byte,
         in order, before this returns. Returns the bytes written."""
         hash_r, hash_w = os.pipe2(os.O_CLOEXEC)
-        _size_pipe(hash_w, PIPE)
+        grow_pipe(hash_w)
         hasher = _HashThread(hash_r, update)
         mover = _Mover(self.pipe_r, fd, hash_w, name, self.progress)
         try:
@@ -314,14 +314,22 @@ class _HashThread:
             raise self.error
 
 
-def _size_pipe(fd: int, want: int) -> int:
-    """Grow the pipe to `want` bytes, or as far as allowed; its size."""
+def grow_pipe(fd: int, want: int = PIPE) -> int:
+    """Grow the pipe to `want` bytes, or as far as an unprivileged user
+    may (/proc/sys/fs/pipe-max-size), never shrinking it; its size. Not
+    allowed (pipe-user-pages-soft): left as it is."""
+    size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    if size >= want:
+        return size
     try:
         return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, want)
     except OSError:
         pass
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
-            return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(want, int(f.read())))
+            limit = int(f.read())
+        if limit > size:
+            return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(want, limit))
     except (OSError, ValueError):
-        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        pass
+    return size
