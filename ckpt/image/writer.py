@@ -63,6 +63,7 @@ def write_image(out, image: Image, pages, *, sign=None, zstd_level: int | None =
     sink.write(head + records + padding)
     hasher = fmt.image_hasher(head[fmt.CHECKSUM_OFFSET:])
     if hasattr(pages, "copy_into") and not compressed:
+        out.flush()                 # the records before the page data, at the fd
         stored = total = pages.copy_into(out.fileno(), hasher.update, sink.name)
         sink.total += stored
     else:
