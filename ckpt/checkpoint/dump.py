@@ -123,8 +123,7 @@ def dump(pid: int, output: str, *, kill: bool = False,
             spliced.close()
         if snap is not None:
             snap.discard()
-        if out is not None:
-            out.discard()
+        out.discard()
         if frozen is None:
             frozen = time.monotonic() - t0
         threads.release()
@@ -613,7 +612,7 @@ class Output:
     (created with mode 0755 & ~umask: executable like a linker's output,
     but never writable by group or others, since nothing should write into
     an image and a mapped restore refuses one others could change), or
-    stdout for `-o -`."""
+    written in place: stdout for `-o -`, an existing FIFO or device."""
 
     def __init__(self, path: str):
         self.path, self.tmp = path, None
@@ -640,10 +639,8 @@ class Output:
         self.file = os.fdopen(fd, "wb", buffering=0)
 
     def commit(self) -> None:
-        if self.tmp is None:
-            self.file.flush()
-            if self.path != "-":
-                self.file.close()
+        if self.tmp is None:        # written in place (stdout's fd stays open)
+            self.file.close()
             return
         try:
             os.fsync(self.file.fileno())
@@ -654,10 +651,8 @@ class Output:
         self.tmp = None
 
     def discard(self) -> None:
-        if self.tmp is None and self.path != "-" and not self.file.closed:
-            self.file.close()
+        self.file.close()
         if self.tmp is not None:
-            self.file.close()
             try:
                 os.unlink(self.tmp)
             except FileNotFoundError:
